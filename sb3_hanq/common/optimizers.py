@@ -21,6 +21,21 @@ from torch.optim import Optimizer
 LR_PARAMETERIZATIONS = ("log", "linear")
 
 
+def _bias_corrections(steps: list[int], beta1: float, beta2: float) -> tuple[Any, Any]:
+    """Adam's bias corrections 1 - beta1^t and sqrt(1 - beta2^t): plain floats when every parameter is at the
+    same step (the usual case; the foreach kernels then take one scalar instead of a list), else lists."""
+    if all(t == steps[0] for t in steps):
+        return 1 - beta1 ** steps[0], math.sqrt(1 - beta2 ** steps[0])
+    return [1 - beta1**t for t in steps], [math.sqrt(1 - beta2**t) for t in steps]
+
+
+def _adam_denominators(exp_avg_sqs: list[th.Tensor], bias_correction2: Any, eps: float) -> list[th.Tensor]:
+    denoms = th._foreach_sqrt(exp_avg_sqs)
+    th._foreach_div_(denoms, bias_correction2)
+    th._foreach_add_(denoms, eps)
+    return list(denoms)
+
+
 def adam_directions(
     exp_avgs: list[th.Tensor], exp_avg_sqs: list[th.Tensor], steps: list[int], beta1: float, beta2: float, eps: float
 ) -> list[th.Tensor]:
@@ -28,11 +43,9 @@ def adam_directions(
 
     Same operations as ``torch.optim.Adam``, so ``p -= lr * u`` reproduces it to float precision.
     """
-    denoms = th._foreach_sqrt(exp_avg_sqs)
-    th._foreach_div_(denoms, [math.sqrt(1 - beta2**t) for t in steps])
-    th._foreach_add_(denoms, eps)
-    updates = th._foreach_div(exp_avgs, denoms)
-    th._foreach_div_(updates, [1 - beta1**t for t in steps])
+    bias_correction1, bias_correction2 = _bias_corrections(steps, beta1, beta2)
+    updates = th._foreach_div(exp_avgs, _adam_denominators(exp_avg_sqs, bias_correction2, eps))
+    th._foreach_div_(updates, bias_correction1)
     return list(updates)
 
 
@@ -223,9 +236,18 @@ class HyperAdam(Optimizer):
             th._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             th._foreach_mul_(exp_avg_sqs, beta2)
             th._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            updates = adam_directions(exp_avgs, exp_avg_sqs, [s["step"] for s in states], beta1, beta2, group["eps"])
-            th._foreach_add_(params, updates, alpha=-lr)
+            steps = [state["step"] for state in states]
             if group["hyper_lr"] > 0:
+                updates = adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
+                th._foreach_add_(params, updates, alpha=-lr)
                 for state, update in zip(states, updates):
                     state["prev_update"] = update  # u_i, needed by the next hypergradient
+            else:
+                # kappa = 0: torch.optim.Adam's own arithmetic, p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+                bias_correction1, bias_correction2 = _bias_corrections(steps, beta1, beta2)
+                denoms = _adam_denominators(exp_avg_sqs, bias_correction2, group["eps"])
+                if isinstance(bias_correction1, float):
+                    th._foreach_addcdiv_(params, exp_avgs, denoms, value=-lr / bias_correction1)
+                else:
+                    th._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / bc for bc in bias_correction1])
         return loss

@@ -29,6 +29,20 @@ def q_learning_targets(
     return rewards + (1 - dones) * discounts * next_q_values.max(dim=1, keepdim=True).values
 
 
+class _TargetPath(th.nn.Module):
+    """Q-values of the bootstrap target: Q_theta(s', .), or Q_omega,theta(s', .) when ``symmetric`` (Table 2)."""
+
+    def __init__(self, q_net: HANQNetwork, symmetric: bool) -> None:
+        super().__init__()
+        self.q_net = q_net
+        self.symmetric = symmetric
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        latent = self.q_net.latent(obs)
+        q_values = self.q_net.q_from_latent(latent)
+        return self.q_net.predict_q(latent, q_values)[0] if self.symmetric else q_values
+
+
 class HANQ(SupportedActionSpacesMixin, DQN):
     """HANQ (HANQ paper, Alg. 2): DQN without a target network, stabilised by an asymmetric metapredictor
     on Q(s, a), LayerNorm / l2 normalisation, and hypergradient descent on Adam's learning rate.
@@ -206,36 +220,29 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         use_rg = self.hyper_objective == "rg" and self.q_net_target is None and isinstance(optimizer, HyperAdam)
         use_rg = use_rg and any(g.get("hyper_lr", 0) > 0 for g in optimizer.param_groups)
-        symmetric = self.policy.symmetric
+        target_path = _TargetPath(self.q_net if self.q_net_target is None else self.q_net_target, self.policy.symmetric)
         losses: list[th.Tensor] = []
         for _ in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             discounts = data.discounts if data.discounts is not None else self.gamma
             obs, next_obs = data.observations, data.next_observations
-            if self.q_net_target is None and isinstance(obs, th.Tensor):
-                # One pass over [s; s'] (normalisation is per sample, so this equals two passes).
-                latent, next_latent = self.q_net.latent(th.cat([obs, next_obs])).chunk(2)  # type: ignore[list-item]
-                q_all, next_q = self.q_net.q_from_latent(th.cat([latent, next_latent])).chunk(2)
-                target_net = self.q_net
-            else:
-                latent = self.q_net.latent(obs)
-                q_all = self.q_net.q_from_latent(latent)
-                target_net = self.q_net if self.q_net_target is None else self.q_net_target
-                with th.set_grad_enabled(use_rg):
-                    next_latent = target_net.latent(next_obs)
-                    next_q = target_net.q_from_latent(next_latent)
-            if symmetric:  # Table 2 "symmetrized": the predictor on the Q(s', a') path too
-                next_q = target_net.predict_q(next_latent, next_q)[0]
+            # Two passes rather than one over [s; s']: the backward pass of the loss then only visits the s
+            # graph and the RG hypergradient's second backward only the s' graph (measured faster than one joint
+            # graph, and than one backward over the target path run on detached parameter copies).
+            latent = self.q_net.latent(obs)
+            q_all = self.q_net.q_from_latent(latent)
+            with th.set_grad_enabled(use_rg):
+                next_q = target_path(next_obs)
             targets = q_learning_targets(next_q, data.rewards, data.dones, discounts)
             prediction, q_sa, multiplier, bias = self.q_net.predict_q(latent, q_all, data.actions.long())
 
             loss = ((prediction - targets.detach()) ** 2).mean()  # L_SG, the training loss (Alg. 2)
             optimizer.zero_grad()
-            loss.backward(retain_graph=use_rg)
+            loss.backward()
             hyper_grads = None
             if use_rg:
-                # grad L_RG = grad L_SG + the gradient through the bootstrap target (§12 Eq. 9); only the
-                # target path is differentiated again.
+                # grad L_RG = grad L_SG + the gradient through the bootstrap target (§12 Eq. 9), from a backward
+                # pass over the target's own graph.
                 err = (prediction - targets).detach()
                 through_target = th.autograd.grad(
                     targets, params, grad_outputs=-2.0 * err / err.numel(), allow_unused=True
