@@ -171,3 +171,15 @@ def test_state_dict_round_trip_continues_identically():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HyperAdam([th.nn.Parameter(th.zeros(1))], **kwargs)
+
+
+def test_runaway_learning_rate_is_a_clear_error():
+    """A gradient that never changes direction makes every hypergradient negative, so log alpha grows by ~kappa per
+    step without bound; the optimiser stops with an error naming hyper_lr instead of writing inf into the weights."""
+    param = th.nn.Parameter(th.zeros(3))
+    optimizer = HyperAdam([param], lr=1e-3, hyper_lr=1.0)
+    with pytest.raises(OverflowError, match="hyper_lr"):
+        for _ in range(200):
+            param.grad = th.ones(3)
+            optimizer.step()
+    assert th.isfinite(param).all()

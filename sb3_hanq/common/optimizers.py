@@ -21,6 +21,10 @@ from torch.optim import Optimizer
 LR_PARAMETERIZATIONS = ("log", "linear")
 
 
+#: Largest learning rate the hyper-optimiser may reach: beyond it an Adam step overflows float32.
+_MAX_LR = 1e30
+
+
 def _bias_corrections(steps: list[int], beta1: float, beta2: float) -> tuple[Any, Any]:
     """Adam's bias corrections 1 - beta1^t and sqrt(1 - beta2^t): plain floats when every parameter is at the
     same step (the usual case; the foreach kernels then take one scalar instead of a list), else lists."""
@@ -172,7 +176,16 @@ class HyperAdam(Optimizer):
         else:
             # keep alpha >= min_lr: the offset cannot go below what that allows
             group["lr_offset"] = max(group["lr_offset"] - delta, group["min_lr"] - group["base_lr"])
-        return self._current_lr(group)
+        try:
+            lr = self._current_lr(group)
+        except OverflowError:
+            lr = math.inf
+        if not lr < _MAX_LR:
+            raise OverflowError(
+                f"HyperAdam: the adapted learning rate overflowed ({lr:.3g} after hyper-step {t}); the gradients "
+                f"kept the same direction step after step. Lower hyper_lr (now {group['hyper_lr']:g})."
+            )
+        return lr
 
     @th.no_grad()
     def step(  # type: ignore[override]
