@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from sb3_hanq.common.vtrace import leaky_vtrace
+from sb3_hanq.common.vtrace import _backward_recursion, leaky_vtrace
 
 T, B = 7, 3
 
@@ -201,6 +201,30 @@ def test_gradients_match_finite_differences():
             fd_k = (objective(inputs["discounts"], *plus) - objective(inputs["discounts"], *minus)) / (2 * h)
             th.testing.assert_close(grads[k + 1], fd_k, rtol=1e-6, atol=1e-7)
     assert grads[0].abs().sum() > 0 and all(g.abs() > 0 for g in grads[1:])
+
+
+def test_chunked_recursion_matches_the_step_by_step_recursion():
+    # leaky_vtrace solves e_t = delta_t + decay_t e_{t+1} (Alg. 1 lines 9-12) in chunks of time steps; every chunk
+    # size, with zeros (episode ends) inside and at chunk borders, gives the recursion's values and gradients.
+    rng = np.random.default_rng(9)
+    n_steps, n_batch = 10, 3
+    delta = th.as_tensor(rng.normal(size=(n_steps, n_batch)), dtype=th.float64).requires_grad_(True)
+    decay_np = rng.uniform(0.5, 1.0, size=(n_steps, n_batch))
+    decay_np[[2, 6, 9], [0, 1, 2]] = 0.0
+    decay = th.as_tensor(decay_np).requires_grad_(True)
+    weights = th.as_tensor(rng.normal(size=(n_steps, n_batch)))
+
+    errors, acc = [], th.zeros(n_batch, dtype=th.float64)
+    for t in reversed(range(n_steps)):
+        acc = delta[t] + decay[t] * acc
+        errors.insert(0, acc)
+    expected = th.stack(errors)
+    expected_grads = th.autograd.grad((weights * expected).sum(), [delta, decay])
+    for chunk in (1, 3, 4, 10, 32):
+        got = _backward_recursion(delta, decay, chunk=chunk)
+        th.testing.assert_close(got, expected, msg=f"chunk={chunk}")
+        for g, e in zip(th.autograd.grad((weights * got).sum(), [delta, decay]), expected_grads):
+            th.testing.assert_close(g, e, msg=f"chunk={chunk}")
 
 
 def test_no_gradient_through_values_or_ratios():

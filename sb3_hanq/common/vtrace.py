@@ -33,6 +33,37 @@ def _as_coefficient(name: str, value: float | th.Tensor, like: th.Tensor) -> th.
     return value
 
 
+#: Time steps solved at once by :func:`_backward_recursion` (its work and memory grow as chunk^2 * B).
+_TIME_CHUNK = 32
+
+
+def _backward_recursion(delta_t: th.Tensor, decay_t: th.Tensor, chunk: int = _TIME_CHUNK) -> th.Tensor:
+    """e_t = delta_t + decay_t e_{t+1} with e_T = 0, for all t of ``[T, B]`` inputs (Alg. 1 lines 9-12).
+
+    The same sums as the recursion, without a Python step per time step (each one is several autograd nodes):
+    inside a chunk of K steps [a, b), e_s = sum_{k=s}^{b-1} (prod_{i=s}^{k-1} decay_i) delta_k
+    + (prod_{i=s}^{b-1} decay_i) e_b, where all the products come from one cumulative product over a
+    ``[K, K, B]`` tensor; chunks are visited backwards in time, e_b carried from one to the next.
+    """
+    n_steps = delta_t.shape[0]
+    chunks: list[th.Tensor] = []
+    carry: th.Tensor | None = None  # e_b: the first error of the chunk after the current one
+    for end in range(n_steps, 0, -chunk):
+        start = max(0, end - chunk)
+        delta, decay = delta_t[start:end], decay_t[start:end]
+        upper = th.ones(end - start, end - start, dtype=th.bool, device=delta.device).triu().unsqueeze(-1)
+        # prods[s, k] = prod_{i=s}^{k} decay_i for k >= s (the factors i < s replaced by 1)
+        prods = th.where(upper, decay.unsqueeze(0), th.ones_like(decay).unsqueeze(0)).cumprod(dim=1)
+        # weights[s, k] = prod_{i=s}^{k-1} decay_i for k >= s (1 at k = s), 0 for k < s
+        weights = th.where(upper, th.cat([th.ones_like(prods[:, :1]), prods[:, :-1]], dim=1), 0.0)
+        errors = (weights * delta.unsqueeze(0)).sum(dim=1)
+        if carry is not None:
+            errors = errors + prods[:, -1] * carry
+        carry = errors[0]
+        chunks.append(errors)
+    return chunks[0] if len(chunks) == 1 else th.cat(chunks[::-1], dim=0)
+
+
 def leaky_vtrace(
     log_rhos: th.Tensor,
     discounts: th.Tensor,
@@ -113,14 +144,8 @@ def leaky_vtrace(
     v_t = th.cat([v_tm1[1:], bootstrap_value.detach().unsqueeze(0)], dim=0)  # ... and sg(V(x_{t+1}))
     delta_t = rho_t * (rewards + discounts * v_t - v_tm1)
 
-    # Alg. 1 lines 9-12, backwards in time (a loop over T, vectorised over the batch).
-    decay_t = discounts * c_t
-    errors = []
-    acc = th.zeros_like(delta_t[0])
-    for t in range(delta_t.shape[0] - 1, -1, -1):
-        acc = delta_t[t] + decay_t[t] * acc
-        errors.append(acc)
-    vs = th.stack(errors[::-1], dim=0) + v_tm1  # Alg. 1 line 14
+    errors = _backward_recursion(delta_t, discounts * c_t)  # Alg. 1 lines 9-12
+    vs = errors + v_tm1  # Alg. 1 line 14
 
     vs_t = th.cat([vs[1:], bootstrap_value.detach().unsqueeze(0)], dim=0)  # v_{s+1}, with v_T = V(x_T)
     pg_advantages = rho_t * (rewards + discounts * vs_t - v_tm1)  # Alg. 1 line 20

@@ -193,11 +193,23 @@ class STACPolicy(BasePolicy):
         self, obs: PyTorchObs, params: dict[str, th.Tensor] | None = None, n_heads: int | None = None
     ) -> tuple[th.Tensor, th.Tensor]:
         """Raw policy outputs ``[P, B, k]`` and values ``[P, B]`` of the first ``n_heads`` heads (all by default),
-        at ``params`` (a dict of ``self.net``'s parameters, e.g. theta'(eta)) or at the current parameters."""
+        at ``params`` (a dict of ``self.net``'s parameters, e.g. theta'(eta)) or at the current parameters.
+
+        When ``params`` holds the module's own parameter tensors the module is called directly: the result is the
+        same and ``functional_call``'s re-parametrisation (a sizeable part of a small network's forward) is skipped.
+        """
         preprocessed = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
-        if params is None:
+        if params is None or self._are_own_parameters(params):
             return self.net(preprocessed, n_heads)
         return functional_call(self.net, params, (preprocessed,), {"n_heads": n_heads})
+
+    def _are_own_parameters(self, params: dict[str, th.Tensor]) -> bool:
+        n_own = 0
+        for name, param in self.net.named_parameters():
+            if params.get(name) is not param:
+                return False
+            n_own += 1
+        return n_own == len(params)
 
     def distribution(self, policy_out: th.Tensor) -> Categorical | Normal:
         """pi(.|x) from raw head outputs: Categorical over logits, or the Gaussian N(mean, std) *before* the tanh."""
@@ -214,9 +226,20 @@ class STACPolicy(BasePolicy):
         dist = self.distribution(policy_out)
         if isinstance(dist, Categorical):
             return dist.log_prob(actions)
+        return self._squashed_log_prob(dist, actions)
+
+    @staticmethod
+    def _squashed_log_prob(dist: Normal, actions: th.Tensor) -> th.Tensor:
         gaussian_actions = TanhBijector.inverse(actions)
         log_prob = dist.log_prob(gaussian_actions).sum(-1)
         return log_prob - th.log(1 - actions**2 + _SQUASH_EPS).sum(-1)
+
+    def log_prob_and_regulariser(self, policy_out: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """:meth:`log_prob` and :meth:`regulariser` together, building the distribution once."""
+        dist = self.distribution(policy_out)
+        if isinstance(dist, Categorical):
+            return dist.log_prob(actions), dist.entropy()
+        return self._squashed_log_prob(dist, actions), self._minus_kl_to_standard(dist)
 
     def regulariser(self, policy_out: th.Tensor) -> th.Tensor:
         """The quantity the g_e term maximises, ``[..., B]``: the entropy (discrete, Eq. (1)), or minus the KL to a
@@ -224,6 +247,10 @@ class STACPolicy(BasePolicy):
         dist = self.distribution(policy_out)
         if isinstance(dist, Categorical):
             return dist.entropy()
+        return self._minus_kl_to_standard(dist)
+
+    @staticmethod
+    def _minus_kl_to_standard(dist: Normal) -> th.Tensor:
         standard = Normal(th.zeros_like(dist.loc), th.ones_like(dist.scale), validate_args=False)
         return -kl_divergence(dist, standard).sum(-1)
 

@@ -381,14 +381,12 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         value for the names that are not self-tuned.
         """
         outer = self.outer_hyperparameters()
-        scale = outer.new_tensor([1.0, 1.0, 1.0, self.vf_coef, self.pg_coef, self.ent_coef])
-        columns = []
-        for k, name in enumerate(META_NAMES):
-            if name in self.self_tune:
-                columns.append(th.sigmoid(self.eta[:, self.self_tune.index(name)]) * scale[k])
-            else:
-                columns.append(outer[k].expand(self.n_heads))
-        return th.stack(columns, dim=1)
+        zeta = outer.expand(self.n_heads, len(META_NAMES)).clone()
+        if self.self_tune:
+            tuned = [META_NAMES.index(name) for name in self.self_tune]  # eta's columns, in self_tune order
+            scale = outer.new_tensor([1.0, 1.0, 1.0, self.vf_coef, self.pg_coef, self.ent_coef])[tuned]
+            zeta[:, tuned] = th.sigmoid(self.eta) * scale
+        return zeta
 
     def head_outputs(
         self, params: dict[str, th.Tensor], batch: RolloutBatch, n_heads: int | None = None
@@ -400,10 +398,11 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         size = n_steps * n_envs
         rollout_out = policy_out[:, :size]
         actions = batch.actions.reshape(size, *batch.actions.shape[2:])
+        log_probs, regulariser = self.policy.log_prob_and_regulariser(rollout_out, actions)
         return HeadOutputs(
             policy_out=rollout_out.reshape(n_heads, n_steps, n_envs, -1),
-            log_probs=self.policy.log_prob(rollout_out, actions).reshape(n_heads, n_steps, n_envs),
-            regulariser=self.policy.regulariser(rollout_out).reshape(n_heads, n_steps, n_envs),
+            log_probs=log_probs.reshape(n_heads, n_steps, n_envs),
+            regulariser=regulariser.reshape(n_heads, n_steps, n_envs),
             values=values[:, :size].reshape(n_heads, n_steps, n_envs),
             bootstrap_values=values[:, size : size + n_envs],
             timeout_values=values[:, size + n_envs :],
@@ -539,17 +538,14 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
                     f"{values.tolist()} at update {self._n_updates + epoch + 1}; try a lower learning_rate"
                 )
             if tuned:
-                self.meta_optimizer.zero_grad()
-                self.eta.grad = meta_grad
+                self.eta.grad = meta_grad  # the whole gradient: no zero_grad needed
                 self.meta_optimizer.step()
             with th.no_grad():  # theta <- theta'(eta_t): the inner step itself
-                for param, new_param, square_avg in zip(
-                    params.values(), inner.new_params.values(), inner.new_square_avgs
-                ):
-                    param.copy_(new_param)
-                    state = optimizer.state[param]
-                    state["square_avg"].copy_(square_avg)
-                    state["step"] += 1
+                square_avgs = [optimizer.state[param]["square_avg"] for param in params.values()]
+                th._foreach_copy_(list(params.values()), list(inner.new_params.values()))
+                th._foreach_copy_(square_avgs, inner.new_square_avgs)
+                for param in params.values():
+                    optimizer.state[param]["step"] += 1
 
         self._n_updates += self.n_epochs
         stats = inner.stats
@@ -560,23 +556,28 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
                 inner.outputs.values[0].detach().cpu().numpy().ravel(), stats["targets"].cpu().numpy().ravel()
             ),
         )
-        self.logger.record("train/loss", inner.loss.item())
-        self.logger.record("train/entropy_loss", stats["entropy_loss"].item())
-        self.logger.record("train/policy_loss", stats["policy_loss"].item())
-        self.logger.record("train/value_loss", stats["value_loss"].item())
+        # All logged scalars leave the device together (one transfer instead of one .item() per key).
+        scalars = {
+            "train/loss": inner.loss,
+            "train/entropy_loss": stats["entropy_loss"],
+            "train/policy_loss": stats["policy_loss"],
+            "train/value_loss": stats["value_loss"],
+        }
         if tuned:
-            self.logger.record("train/outer_loss", outer.item())
-            self.logger.record("train/kl", kl.item())
+            scalars.update({"train/outer_loss": outer, "train/kl": kl})
         if self.policy.continuous:
             dist = self.policy.distribution(inner.outputs.policy_out[0])
             assert isinstance(dist, th.distributions.Normal)
-            self.logger.record("train/std", dist.scale.mean().item())
+            scalars["train/std"] = dist.scale.mean()
         with th.no_grad():
-            zeta = self.inner_hyperparameters().cpu().tolist()
-        for head, values_ in enumerate(zeta):
+            zeta = self.inner_hyperparameters()  # after the meta-update
+            flat = th.cat([th.stack([value.detach() for value in scalars.values()]), zeta.flatten()]).cpu().tolist()
+        for key, value in zip(scalars, flat):
+            self.logger.record(key, value)
+        for head in range(self.n_heads):
             prefix = "meta/" if head == 0 else f"meta/head{head + 1}/"
-            for name, value in zip(META_NAMES, values_):
-                self.logger.record(prefix + name, value)
+            for k, name in enumerate(META_NAMES):
+                self.logger.record(prefix + name, flat[len(scalars) + head * len(META_NAMES) + k])
 
     def learn(
         self: SelfSTAC,
