@@ -140,6 +140,36 @@ def test_lstsq_full_rank_and_rank_deficient():
         ntk_lstsq(th.eye(3), th.randn(4))
 
 
+def test_lstsq_cholesky_is_the_ridge_solution_and_falls_back_to_eigh():
+    rng = th.Generator().manual_seed(1)
+    a = th.randn(8, 20, generator=rng, dtype=th.float64)
+    kernel, delta = a @ a.T, th.randn(8, generator=rng, dtype=th.float64)
+    # the ridge-regularised solution (K + r mean(diag K) I)^-1 Delta, against numpy's dense solve
+    for ridge in (None, 1e-3):
+        r = 1e-6 if ridge is None else ridge
+        expected = np.linalg.solve(kernel.numpy() + r * np.diag(kernel.numpy()).mean() * np.eye(8), delta.numpy())
+        z = ntk_lstsq(kernel, delta, rtol=ridge, method="cholesky")
+        assert np.allclose(z.numpy(), expected, rtol=1e-9, atol=1e-12)
+    # duplicated samples (equal rows of K and equal TD errors): the same parameter step Phi Z and the same change
+    # of Q, K Z, as the minimum-norm solution K^+ Delta, up to the ridge (Z itself may split differently between
+    # duplicates: Phi cannot tell them apart)
+    phi = th.randn(5, 12, generator=rng, dtype=th.float64)  # rows: per-sample gradients
+    phi, delta = th.cat([phi, phi[:3]]), th.randn(5, generator=rng, dtype=th.float64)
+    delta = th.cat([delta, delta[:3]])
+    kernel = phi @ phi.T
+    z = ntk_lstsq(kernel, delta, rtol=1e-9, method="cholesky")
+    z_pinv = th.as_tensor(_np_pinv_solve(kernel, delta))
+    assert th.allclose(phi.T @ z, phi.T @ z_pinv, atol=1e-6)
+    assert th.allclose(kernel @ z, delta, atol=1e-6)  # Delta lies in K's range: Q moves by Delta
+    # a numerically indefinite K cannot be factorised: the eigh solution instead
+    indefinite = th.diag(th.tensor([2.0, 1.0, -0.5], dtype=th.float64))
+    delta = th.tensor([1.0, 2.0, 3.0], dtype=th.float64)
+    assert th.equal(ntk_lstsq(indefinite, delta, method="cholesky"), ntk_lstsq(indefinite, delta))
+    assert th.allclose(ntk_lstsq(indefinite, delta), th.tensor([0.5, 2.0, 0.0], dtype=th.float64))
+    with pytest.raises(ValueError, match=r"method='qr': expected one of \('eigh', 'cholesky'\)"):
+        ntk_lstsq(kernel, delta[:3].repeat(3)[:8], method="qr")
+
+
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
 def test_lstsq_rank_deficient_on_cuda():
     a = th.randn(8, 3, dtype=th.float64)

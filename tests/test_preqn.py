@@ -134,10 +134,11 @@ def test_tiny_step_moves_q_by_step_size_times_delta():
     assert ((change - alpha * delta).norm() / (alpha * delta).norm()).item() < 5e-3
 
 
-def test_every_accepted_step_is_aligned_and_rejected_steps_keep_the_critic():
+@pytest.mark.parametrize("lstsq_method", ["eigh", "cholesky"])
+def test_every_accepted_step_is_aligned_and_rejected_steps_keep_the_critic(lstsq_method):
     """Recompute cos(Q_theta'(B) - Q_theta(B), Delta) from copies of the networks before and after each step."""
     eta = 0.999
-    model = _filled(_small(eta=eta, max_backtracks=5))  # strict enough to reject some steps
+    model = _filled(_small(eta=eta, max_backtracks=5, lstsq_method=lstsq_method))  # strict: rejects some steps
     batches = _record_batches(model)
     accepted = rejected = 0
     for _ in range(30):
@@ -228,7 +229,14 @@ def test_dict_observations():
 
 
 def test_save_load_keeps_everything_and_training_continues(tmp_path):
-    model = _small(eta=0.99, max_backtracks=3, backtrack_factor=0.7, critic_step_size=0.05, lstsq_rtol=1e-6)
+    model = _small(
+        eta=0.99,
+        max_backtracks=3,
+        backtrack_factor=0.7,
+        critic_step_size=0.05,
+        lstsq_rtol=1e-6,
+        lstsq_method="cholesky",
+    )
     model.learn(300)
     model.rejected_steps = 7  # make sure the counter is saved, not recomputed
     model.save(tmp_path / "preqn.zip")
@@ -238,7 +246,8 @@ def test_save_load_keeps_everything_and_training_continues(tmp_path):
     obs_t, actions = th.as_tensor(obs), th.rand(8, 1) * 2 - 1
     with th.no_grad():
         assert th.equal(model.critic(obs_t, actions)[0], loaded.critic(obs_t, actions)[0])
-    for name in ("eta", "critic_step_size", "max_backtracks", "backtrack_factor", "lstsq_rtol", "rejected_steps"):
+    names = ("eta", "critic_step_size", "max_backtracks", "backtrack_factor", "lstsq_rtol", "lstsq_method")
+    for name in (*names, "rejected_steps"):
         assert getattr(loaded, name) == getattr(model, name), name
     assert loaded._n_updates == model._n_updates and loaded.num_timesteps == model.num_timesteps
     assert np.allclose(loaded.action_noise._sigma, 0.1)
@@ -276,6 +285,8 @@ def test_bad_input():
             _small(critic_step_size=step)
     with pytest.raises(ValueError, match="max_backtracks"):
         _small(max_backtracks=-1)
+    with pytest.raises(ValueError, match=r"lstsq_method='lu': expected one of \('eigh', 'cholesky'\)"):
+        _small(lstsq_method="lu")
     with pytest.raises(ValueError, match="backtrack_factor"):
         _small(backtrack_factor=1.0)
     with pytest.raises(ValueError, match="action_noise"):

@@ -29,6 +29,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from sb3_hanq.common.utils import check_choice
+
 NTK_METHODS = ("auto", "layerwise", "jacobian")
 
 Obs = th.Tensor | dict[str, th.Tensor]
@@ -242,25 +244,48 @@ def cosine_alignment(q_before: th.Tensor, q_after: th.Tensor, targets: th.Tensor
 # --------------------------------------------------------------------------------------------------------------
 
 
-def ntk_lstsq(kernel: th.Tensor, delta: th.Tensor, rtol: float | None = None) -> th.Tensor:
-    """Minimum-norm least-squares solution ``Z = K^+ Delta`` of ``K Z = Delta`` (Eq. 22, Alg. 1 line 11).
+#: Solvers of ``K Z = Delta`` accepted by :func:`ntk_lstsq` and PreQN's ``lstsq_method``.
+LSTSQ_METHODS = ("eigh", "cholesky")
+#: Default ridge of the ``"cholesky"`` solver, relative to the mean of K's diagonal.
+CHOLESKY_RIDGE = 1e-6
 
-    K is symmetric positive semi-definite and may be rank deficient (e.g. more samples than parameters,
-    §4, or duplicated samples). We use its eigendecomposition ``K = U diag(lambda) U^T`` (``torch.linalg.eigh``,
-    same result on CPU and CUDA; ``torch.linalg.lstsq`` on CUDA only has the full-rank ``gels`` driver) and
-    invert only the eigenvalues above the cutoff ``rtol * lambda_max``; the others, including small negative
-    ones produced by round-off, count as zero. This is ``torch.linalg.pinv(K, hermitian=True, rtol=rtol)``
-    applied to ``Delta``.
+
+def ntk_lstsq(kernel: th.Tensor, delta: th.Tensor, rtol: float | None = None, method: str = "eigh") -> th.Tensor:
+    """Solve ``K Z = Delta`` for PreQN's step (Eq. 22, Alg. 1 line 11); K symmetric positive semi-definite.
+
+    ``method="eigh"`` (default, the paper's least squares): the minimum-norm least-squares solution
+    ``Z = K^+ Delta``. K may be rank deficient (e.g. more samples than parameters, §4, or duplicated samples):
+    we use its eigendecomposition ``K = U diag(lambda) U^T`` (``torch.linalg.eigh``, same result on CPU and
+    CUDA; ``torch.linalg.lstsq`` on CUDA only has the full-rank ``gels`` driver) and invert only the eigenvalues
+    above the cutoff ``rtol * lambda_max``; the others, including small negative ones produced by round-off,
+    count as zero. This is ``torch.linalg.pinv(K, hermitian=True, rtol=rtol)`` applied to ``Delta``.
+
+    ``method="cholesky"`` (faster: ~8x on a 256 x 256 kernel on CPU): the ridge-regularised solution
+    ``Z = (K + r mean(diag K) I)^-1 Delta`` by a Cholesky factorisation, with ``r = rtol`` (default
+    :data:`CHOLESKY_RIDGE`). It approaches ``K^+ Delta`` as r -> 0 where Delta lies in K's range (e.g. duplicated
+    samples, which have equal TD errors); it differs on directions whose eigenvalue is comparable to the ridge:
+    instead of being dropped they are damped (the change of Q, ``K Z``, is shrunk there but never amplified).
+    When the factorisation fails (K numerically indefinite) it falls back to ``"eigh"`` with its default cutoff.
 
     :param kernel: K [n, n]
     :param delta: TD errors [n]
-    :param rtol: relative cutoff. ``None`` (default) is ``n * eps`` of K's dtype (1.2e-7 for float32), the
-        default of ``torch.linalg.pinv`` and of LAPACK-style ``lstsq``: eigenvalues below it are at the level
-        of K's round-off, and inverting them would only amplify noise.
+    :param rtol: ``"eigh"``: relative eigenvalue cutoff; ``None`` is ``n * eps`` of K's dtype (eps = 1.2e-7 for
+        float32), the default of ``torch.linalg.pinv`` and of LAPACK-style ``lstsq``: eigenvalues below it are
+        at the level of K's round-off, and inverting them would only amplify noise. ``"cholesky"``: the ridge
+        relative to the mean diagonal (``None``: :data:`CHOLESKY_RIDGE`).
+    :param method: ``"eigh"`` or ``"cholesky"``
     :return: Z [n]
     """
     n = _check_square(kernel)
     _check_vector(delta, n, "delta")
+    check_choice("method", method, LSTSQ_METHODS)
+    if method == "cholesky":
+        ridge = CHOLESKY_RIDGE if rtol is None else rtol
+        damped = kernel + (ridge * kernel.diagonal().mean()) * th.eye(n, dtype=kernel.dtype, device=kernel.device)
+        factor, info = th.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return th.cholesky_solve(delta.unsqueeze(1).to(kernel.dtype), factor).squeeze(1)
+        rtol = None
     if rtol is None:
         rtol = n * th.finfo(kernel.dtype).eps
     eigenvalues, eigenvectors = th.linalg.eigh(kernel)
@@ -270,7 +295,11 @@ def ntk_lstsq(kernel: th.Tensor, delta: th.Tensor, rtol: float | None = None) ->
 
 
 def preconditioned_direction(
-    ntk: KernelAndOutput, params: Sequence[th.Tensor], delta: th.Tensor, rtol: float | None = None
+    ntk: KernelAndOutput,
+    params: Sequence[th.Tensor],
+    delta: th.Tensor,
+    rtol: float | None = None,
+    method: str = "eigh",
 ) -> tuple[list[th.Tensor], th.Tensor]:
     """PreQN's proposed update direction ``sum_i Z_i grad_theta Q(s_i, a_i) = Phi K^+ Delta`` (Eqs. 22-23, 28).
 
@@ -283,12 +312,13 @@ def preconditioned_direction(
         :meth:`QFunction.ntk_and_q`)
     :param params: the parameters theta of Q
     :param delta: TD errors [n]
-    :param rtol: eigenvalue cutoff of :func:`ntk_lstsq`
+    :param rtol: eigenvalue cutoff (or ridge) of :func:`ntk_lstsq`
+    :param method: solver of :func:`ntk_lstsq`, ``"eigh"`` or ``"cholesky"``
     :return: the direction (one tensor per parameter, zeros for parameters Q does not depend on) and Z [n]
     """
     n = _check_square(ntk.kernel)
     _check_vector(ntk.output, n, "ntk.output")
-    z = ntk_lstsq(ntk.kernel, delta, rtol)
+    z = ntk_lstsq(ntk.kernel, delta, rtol, method)
     if ntk.layers is not None and ntk.layer_inputs is not None and ntk.backward_signals is not None:
         layer_params = [p for layer in ntk.layers for p in layer.parameters()]
         by_id = dict(

@@ -19,6 +19,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.td3 import TD3
 
 from sb3_hanq.common.ntk import (
+    LSTSQ_METHODS,
     LineSearchResult,
     QFunction,
     backtracking_linesearch,
@@ -26,7 +27,7 @@ from sb3_hanq.common.ntk import (
     ntk_row_ratio,
     preconditioned_direction,
 )
-from sb3_hanq.common.utils import NonFiniteLossError, SupportedActionSpacesMixin, check_positive_lr
+from sb3_hanq.common.utils import NonFiniteLossError, SupportedActionSpacesMixin, check_choice, check_positive_lr
 from sb3_hanq.preqn.policies import CnnPolicy, MlpPolicy, MultiInputPolicy, PreQNPolicy
 
 SelfPreQN = TypeVar("SelfPreQN", bound="PreQN")
@@ -44,7 +45,9 @@ class PreQN(SupportedActionSpacesMixin, TD3):
     2. The critic's NTK on B, ``K_ij = grad_theta Q(s_i, a_i) . grad_theta Q(s_j, a_j)`` (Eq. 9; line 11),
        layer by layer for MLP critics (:func:`~sb3_hanq.common.ntk.mlp_ntk`), from per-sample Jacobians
        otherwise; the least-squares solution ``Z = K^+ Delta`` (Eq. 22, :func:`~sb3_hanq.common.ntk.ntk_lstsq`:
-       eigendecomposition, eigenvalues below ``lstsq_rtol * lambda_max`` treated as zero).
+       eigendecomposition, eigenvalues below ``lstsq_rtol * lambda_max`` treated as zero; or, with
+       ``lstsq_method="cholesky"``, the ridge-regularised solve ``(K + r mean(diag K) I)^-1 Delta``, ~8x faster
+       on CPU, a documented deviation from the paper's least squares).
     3. The proposed step ``theta' = theta + alpha_q sum_i Z_i grad_theta Q(s_i, a_i)`` (Eq. 23; line 12). The
        sum is never formed sample by sample: for MLP critics it is one matrix product per layer from the
        kernel's backward signals, otherwise one backward pass of ``sum_i Z_i Q_i``
@@ -101,8 +104,10 @@ class PreQN(SupportedActionSpacesMixin, TD3):
     :param eta: alignment threshold of the line search, in (0, 1] (Appendix B: 0.97)
     :param max_backtracks: cap on the line search's shrinkings (>= 0) before a step is rejected (default 10)
     :param backtrack_factor: the line search's shrink factor, in (0, 1) (default 0.5)
-    :param lstsq_rtol: relative eigenvalue cutoff of the least-squares solve (``None``: n * float eps, see
-        :func:`~sb3_hanq.common.ntk.ntk_lstsq`)
+    :param lstsq_rtol: relative eigenvalue cutoff of the least-squares solve (``None``: n * float eps), or the
+        relative ridge r of the ``"cholesky"`` solve (``None``: 1e-6), see :func:`~sb3_hanq.common.ntk.ntk_lstsq`
+    :param lstsq_method: ``"eigh"`` (default: the minimum-norm least squares of Eq. 22) or ``"cholesky"``
+        (ridge-regularised, faster; falls back to ``"eigh"`` when K is numerically indefinite)
     :param stats_window_size: window for rollout logging
     :param tensorboard_log: TensorBoard log directory
     :param policy_kwargs: policy keyword arguments (see :class:`PreQNPolicy`)
@@ -143,6 +148,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         max_backtracks: int = 10,
         backtrack_factor: float = 0.5,
         lstsq_rtol: float | None = None,
+        lstsq_method: str = "eigh",
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -164,6 +170,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
             raise ValueError(f"Invalid backtrack_factor={backtrack_factor!r}: must be in (0, 1)")
         if lstsq_rtol is not None and not (isinstance(lstsq_rtol, (int, float)) and 0 <= lstsq_rtol < 1):
             raise ValueError(f"Invalid lstsq_rtol={lstsq_rtol!r}: must be None or in [0, 1)")
+        check_choice("lstsq_method", lstsq_method, LSTSQ_METHODS)
         if isinstance(action_noise, str) and action_noise != DEFAULT_ACTION_NOISE:
             raise ValueError(
                 f"Invalid action_noise={action_noise!r}: expected an ActionNoise, None or {DEFAULT_ACTION_NOISE!r}"
@@ -201,6 +208,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         self.max_backtracks = max_backtracks
         self.backtrack_factor = float(backtrack_factor)
         self.lstsq_rtol = lstsq_rtol
+        self.lstsq_method = lstsq_method
         self.rejected_steps = 0
         # Appendix B's N(0, 0.1) needs the action dimension: made in _setup_model.
         self._default_action_noise = action_noise == DEFAULT_ACTION_NOISE
@@ -256,7 +264,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
                     "critic_step_size or another critic_activation"
                 )
             # Lines 11-12: Z = K^+ Delta and the direction sum_i Z_i grad Q_i (from the kernel's backward pass).
-            direction, _ = preconditioned_direction(ntk, params, delta, self.lstsq_rtol)
+            direction, _ = preconditioned_direction(ntk, params, delta, self.lstsq_rtol, self.lstsq_method)
             del ntk
 
             # Line 13: backtrack theta' = theta + alpha d towards theta until cos(Q' - Q, Delta) >= eta.
