@@ -16,6 +16,7 @@ from sb3_hanq.common.ntk import (
     batch_ntk,
     cosine_alignment,
     jacobian_ntk,
+    largest_eigenvalue,
     mlp_ntk,
     mlp_weighted_gradient,
     ntk_diagonal,
@@ -144,12 +145,15 @@ def test_lstsq_cholesky_is_the_ridge_solution_and_falls_back_to_eigh():
     rng = th.Generator().manual_seed(1)
     a = th.randn(8, 20, generator=rng, dtype=th.float64)
     kernel, delta = a @ a.T, th.randn(8, generator=rng, dtype=th.float64)
-    # the ridge-regularised solution (K + r mean(diag K) I)^-1 Delta, against numpy's dense solve
-    for ridge in (None, 1e-3):
-        r = 1e-6 if ridge is None else ridge
-        expected = np.linalg.solve(kernel.numpy() + r * np.diag(kernel.numpy()).mean() * np.eye(8), delta.numpy())
-        z = ntk_lstsq(kernel, delta, rtol=ridge, method="cholesky")
-        assert np.allclose(z.numpy(), expected, rtol=1e-9, atol=1e-12)
+    lambda_max = np.linalg.eigvalsh(kernel.numpy())[-1]
+    scale = largest_eigenvalue(kernel).item()  # power iteration: a lower bound, close to the top eigenvalue
+    assert lambda_max * (1 - 1e-3) < scale <= lambda_max * (1 + 1e-12)
+    # the ridge-regularised solution (K + rtol lambda_max I)^-1 Delta, against numpy's dense solve; rtol=None on a
+    # full-rank K: the first ridge, eps * lambda_max, leaves the plain solve K^-1 Delta
+    for rtol, ridge in ((None, 0.0), (1e-3, 1e-3 * scale), (1e-1, 1e-1 * scale)):
+        expected = np.linalg.solve(kernel.numpy() + ridge * np.eye(8), delta.numpy())
+        z = ntk_lstsq(kernel, delta, rtol=rtol, method="cholesky")
+        assert np.allclose(z.numpy(), expected, rtol=1e-6, atol=1e-9)
     # duplicated samples (equal rows of K and equal TD errors): the same parameter step Phi Z and the same change
     # of Q, K Z, as the minimum-norm solution K^+ Delta, up to the ridge (Z itself may split differently between
     # duplicates: Phi cannot tell them apart)
@@ -157,7 +161,7 @@ def test_lstsq_cholesky_is_the_ridge_solution_and_falls_back_to_eigh():
     phi, delta = th.cat([phi, phi[:3]]), th.randn(5, generator=rng, dtype=th.float64)
     delta = th.cat([delta, delta[:3]])
     kernel = phi @ phi.T
-    z = ntk_lstsq(kernel, delta, rtol=1e-9, method="cholesky")
+    z = ntk_lstsq(kernel, delta, rtol=1e-12, method="cholesky")
     z_pinv = th.as_tensor(_np_pinv_solve(kernel, delta))
     assert th.allclose(phi.T @ z, phi.T @ z_pinv, atol=1e-6)
     assert th.allclose(kernel @ z, delta, atol=1e-6)  # Delta lies in K's range: Q moves by Delta
@@ -168,6 +172,34 @@ def test_lstsq_cholesky_is_the_ridge_solution_and_falls_back_to_eigh():
     assert th.allclose(ntk_lstsq(indefinite, delta), th.tensor([0.5, 2.0, 0.0], dtype=th.float64))
     with pytest.raises(ValueError, match=r"method='qr': expected one of \('eigh', 'cholesky'\)"):
         ntk_lstsq(kernel, delta[:3].repeat(3)[:8], method="qr")
+
+
+def test_lstsq_cholesky_ridge_ladder(monkeypatch):
+    """rtol=None: ridge eps * lambda_max first; when that factorisation fails, n eps * lambda_max; then eigh."""
+    rng = th.Generator().manual_seed(2)
+    a = th.randn(6, 9, generator=rng, dtype=th.float64)
+    kernel, delta = a @ a.T, th.randn(6, generator=rng, dtype=th.float64)
+    scale, eps = largest_eigenvalue(kernel).item(), th.finfo(th.float64).eps
+    real_cholesky, ridges = th.linalg.cholesky_ex, []
+
+    def failing_cholesky(matrix, fail_calls):
+        ridges.append((th.diagonal(matrix) - th.diagonal(kernel)).mean().item())
+        factor, info = real_cholesky(matrix)
+        return factor, th.ones_like(info) if len(ridges) <= fail_calls else info
+
+    monkeypatch.setattr(th.linalg, "cholesky_ex", lambda m: failing_cholesky(m, 1))
+    z = ntk_lstsq(kernel, delta, method="cholesky")
+    assert ridges == pytest.approx([eps * scale, 6 * eps * scale], rel=1e-9)
+    expected = np.linalg.solve(kernel.numpy() + 6 * eps * scale * np.eye(6), delta.numpy())
+    assert np.allclose(z.numpy(), expected, rtol=1e-9)
+    ridges.clear()
+    monkeypatch.setattr(th.linalg, "cholesky_ex", lambda m: failing_cholesky(m, 2))
+    assert th.equal(ntk_lstsq(kernel, delta, method="cholesky"), ntk_lstsq(kernel, delta))
+    assert len(ridges) == 2
+    ridges.clear()  # a given rtol: one attempt only
+    monkeypatch.setattr(th.linalg, "cholesky_ex", lambda m: failing_cholesky(m, 1))
+    assert th.equal(ntk_lstsq(kernel, delta, rtol=1e-3, method="cholesky"), ntk_lstsq(kernel, delta))
+    assert ridges == pytest.approx([1e-3 * scale], rel=1e-9)
 
 
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")

@@ -46,8 +46,9 @@ class PreQN(SupportedActionSpacesMixin, TD3):
        layer by layer for MLP critics (:func:`~sb3_hanq.common.ntk.mlp_ntk`), from per-sample Jacobians
        otherwise; the least-squares solution ``Z = K^+ Delta`` (Eq. 22, :func:`~sb3_hanq.common.ntk.ntk_lstsq`:
        eigendecomposition, eigenvalues below ``lstsq_rtol * lambda_max`` treated as zero; or, with
-       ``lstsq_method="cholesky"``, the ridge-regularised solve ``(K + r mean(diag K) I)^-1 Delta``, ~8x faster
-       on CPU, a documented deviation from the paper's least squares).
+       ``lstsq_method="cholesky"``, the ridge-regularised solve ``(K + r lambda_max I)^-1 Delta`` with r at the
+       round-off level, ~5x faster on CPU: it solves the well-conditioned part of K like ``eigh`` and damps
+       instead of drops the numerically-zero eigenvalues, a documented deviation from the paper's least squares).
     3. The proposed step ``theta' = theta + alpha_q sum_i Z_i grad_theta Q(s_i, a_i)`` (Eq. 23; line 12). The
        sum is never formed sample by sample: for MLP critics it is one matrix product per layer from the
        kernel's backward signals, otherwise one backward pass of ``sum_i Z_i Q_i``
@@ -105,9 +106,10 @@ class PreQN(SupportedActionSpacesMixin, TD3):
     :param max_backtracks: cap on the line search's shrinkings (>= 0) before a step is rejected (default 10)
     :param backtrack_factor: the line search's shrink factor, in (0, 1) (default 0.5)
     :param lstsq_rtol: relative eigenvalue cutoff of the least-squares solve (``None``: n * float eps), or the
-        relative ridge r of the ``"cholesky"`` solve (``None``: 1e-6), see :func:`~sb3_hanq.common.ntk.ntk_lstsq`
+        ridge of the ``"cholesky"`` solve relative to K's largest eigenvalue (``None``: eps, then n * eps if that
+        factorisation fails), see :func:`~sb3_hanq.common.ntk.ntk_lstsq`
     :param lstsq_method: ``"eigh"`` (default: the minimum-norm least squares of Eq. 22) or ``"cholesky"``
-        (ridge-regularised, faster; falls back to ``"eigh"`` when K is numerically indefinite)
+        (ridge-regularised, faster; falls back to ``"eigh"`` when no factorisation succeeds)
     :param stats_window_size: window for rollout logging
     :param tensorboard_log: TensorBoard log directory
     :param policy_kwargs: policy keyword arguments (see :class:`PreQNPolicy`)

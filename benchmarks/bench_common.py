@@ -1,0 +1,23 @@
+"""Helpers shared by the off-policy speed benchmarks."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.buffers import ReplayBuffer
+
+
+def random_transitions(env_id: str, size: int, seed: int) -> ReplayBuffer:
+    """A CPU replay buffer of ``size`` transitions of ``env_id`` under uniformly random actions, so that every
+    algorithm timed on it trains on the same data."""
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    buffer = ReplayBuffer(size, env.observation_space, env.action_space, device="cpu", n_envs=1)
+    obs, _ = env.reset(seed=seed)
+    for _ in range(size):
+        action = env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        buffer.add(obs[None], next_obs[None], action[None], np.array([reward]), np.array([terminated]), [{}])
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    env.close()
+    return buffer
