@@ -1,12 +1,14 @@
-"""Does PreQN's optional Cholesky solver train like the default eigh least squares? Pendulum-v1, a few seeds.
+"""Does PreQN's optional Cholesky solver train like the default eigh least squares? Pendulum-v1 (or any env).
 
     python benchmarks/preqn_lstsq_pendulum.py [--seeds 3] [--timesteps 10000] [--threads 1]
+    python benchmarks/preqn_lstsq_pendulum.py --env HalfCheetah-v5 --seeds 1 --timesteps 25000 --learning-starts 5000
 
 Both runs of a seed use the same seed, Appendix B's PreQN (sin critic [256, 256], critic step size 0.1,
-eta 0.97, actor Adam 1e-3, N(0, 0.1) action noise, updates every 50 steps) except 1000 warm-up steps instead of
-5000 (a short run), and differ only in ``lstsq_method``. Recorded per run: mean return of 10 deterministic
+eta 0.97, actor Adam 1e-3, N(0, 0.1) action noise, updates every 50 steps), by default with 1000 warm-up steps
+instead of 5000 (a short run), and differ only in ``lstsq_method``. Recorded per run: mean return of 10 deterministic
 evaluation episodes at the end, the number of rejected critic steps (line search failed), the mean logged
-``train/critic_alignment`` and wall time. Writes ``benchmarks/results/preqn_lstsq_pendulum.{json,md}``.
+``train/critic_alignment`` and wall time. Writes ``benchmarks/results/preqn_lstsq_pendulum.{json,md}``
+(other envs: ``preqn_lstsq_<env>.{json,md}``).
 """
 
 from __future__ import annotations
@@ -45,15 +47,15 @@ class AlignmentRecorder(BaseCallback):
         return True
 
 
-def run(method: str, seed: int, timesteps: int) -> dict:
+def run(env_id: str, method: str, seed: int, timesteps: int, learning_starts: int) -> dict:
     model = PreQN(
-        "MlpPolicy", "Pendulum-v1", lstsq_method=method, learning_starts=1000, seed=seed, device="cpu", verbose=0
+        "MlpPolicy", env_id, lstsq_method=method, learning_starts=learning_starts, seed=seed, device="cpu", verbose=0
     )
     recorder = AlignmentRecorder()
     start = time.perf_counter()
     model.learn(timesteps, callback=recorder)
     seconds = time.perf_counter() - start
-    eval_env = make_vec_env("Pendulum-v1", n_envs=1, seed=seed + 1000)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 1000)
     returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True, return_episode_rewards=True)
     return dict(
         method=method,
@@ -68,7 +70,9 @@ def run(method: str, seed: int, timesteps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="Pendulum-v1")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--learning-starts", type=int, default=1000)
     parser.add_argument("--timesteps", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -77,15 +81,21 @@ def main() -> None:
         f"python benchmarks/preqn_lstsq_pendulum.py --seeds {args.seeds} --timesteps {args.timesteps} "
         f"--threads {args.threads}"
     )
+    name = "preqn_lstsq_pendulum"
+    if args.env != "Pendulum-v1":
+        command += f" --env {args.env} --learning-starts {args.learning_starts}"
+        name = f"preqn_lstsq_{args.env.split('-')[0].lower()}"
+    elif args.learning_starts != 1000:
+        command += f" --learning-starts {args.learning_starts}"
     runs = []
     for seed in range(args.seeds):
         for method in METHODS:
-            runs.append(run(method, seed, args.timesteps))
+            runs.append(run(args.env, method, seed, args.timesteps, args.learning_starts))
             print(runs[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "preqn_lstsq_pendulum.json").write_text(json.dumps(dict(command=command, runs=runs), indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(dict(command=command, runs=runs), indent=1))
     lines = [
-        "# PreQN on Pendulum-v1: `lstsq_method='eigh'` (default) vs `'cholesky'`",
+        f"# PreQN on {args.env}: `lstsq_method='eigh'` (default) vs `'cholesky'`",
         "",
         f"Command: `{command}`  ",
         f"torch {th.__version__}, {args.threads} thread(s), load average at the end {os.getloadavg()[0]:.2f}. "
@@ -107,7 +117,7 @@ def main() -> None:
             f"| {method} | {np.mean([r['mean_return'] for r in mine]):.1f} | "
             f"{sum(r['rejected_steps'] for r in mine)} | {sum(r['seconds'] for r in mine):.0f} |"
         )
-    (RESULTS / "preqn_lstsq_pendulum.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
