@@ -47,7 +47,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
        otherwise; the least-squares solution ``Z = K^+ Delta`` (Eq. 22, :func:`~sb3_hanq.common.ntk.ntk_lstsq`:
        eigendecomposition, eigenvalues below ``lstsq_rtol * lambda_max`` treated as zero; or, with
        ``lstsq_method="cholesky"``, the ridge-regularised solve ``(K + r lambda_max I)^-1 Delta`` with r at the
-       round-off level, ~5x faster on CPU: it solves the well-conditioned part of K like ``eigh`` and damps
+       round-off level, ~6x faster on CPU: it solves the well-conditioned part of K like ``eigh`` and damps
        instead of drops the numerically-zero eigenvalues, a documented deviation from the paper's least squares).
     3. The proposed step ``theta' = theta + alpha_q sum_i Z_i grad_theta Q(s_i, a_i)`` (Eq. 23; line 12). The
        sum is never formed sample by sample: for MLP critics it is one matrix product per layer from the
