@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.buffers import ReplayBuffer
@@ -21,3 +23,13 @@ def random_transitions(env_id: str, size: int, seed: int) -> ReplayBuffer:
         obs = env.reset()[0] if terminated or truncated else next_obs
     env.close()
     return buffer
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every off-policy speed benchmark takes: env, timed steps, repeats, buffer, threads, seed."""
+    parser.add_argument("--env", default="HalfCheetah-v5")
+    parser.add_argument("--steps", type=int, default=200, help="gradient steps per algorithm and repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--buffer", type=int, default=10_000, help="random transitions in the replay buffer")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)

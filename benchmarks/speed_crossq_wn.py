@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch as th
-from bench_common import random_transitions
+from bench_common import add_speed_arguments, random_transitions
 from sb3_contrib import CrossQ
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import Logger
@@ -106,13 +106,8 @@ def breakdown(model: CrossQWN, buffer: ReplayBuffer, n: int) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="HalfCheetah-v5")
-    parser.add_argument("--steps", type=int, default=200, help="gradient steps per timed train() call")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--buffer", type=int, default=10_000)
+    add_speed_arguments(parser)
     parser.add_argument("--breakdown-calls", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json")
     args = parser.parse_args()
     if args.report_only:

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch as th
-from bench_common import random_transitions
+from bench_common import add_speed_arguments, random_transitions
 from stable_baselines3 import TD3
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import Logger
@@ -252,16 +252,11 @@ def solver_benchmark(captured: list, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="HalfCheetah-v5")
-    parser.add_argument("--steps", type=int, default=200, help="gradient steps per algorithm and repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    add_speed_arguments(parser)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--buffer", type=int, default=10_000, help="random transitions in the replay buffer")
     parser.add_argument("--breakdown-steps", type=int, default=200)
     parser.add_argument("--profile-steps", type=int, default=50)
     parser.add_argument("--solver-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="speed_preqn")
     args = parser.parse_args()
     th.set_num_threads(args.threads)
