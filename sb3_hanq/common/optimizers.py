@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Union
 
 import torch as th
 from torch.optim import Optimizer
 
 LR_PARAMETERIZATIONS = ("log", "linear")
+
+#: A float (one param group) or a tensor with one entry per population member.
+Scalar = Union[float, th.Tensor]  # noqa: UP007 (a runtime alias)
 
 
 #: Largest learning rate the hyper-optimiser may reach: beyond it an Adam step overflows float32.
@@ -51,6 +54,70 @@ def adam_directions(
     updates = th._foreach_div(exp_avgs, _adam_denominators(exp_avg_sqs, bias_correction2, eps))
     th._foreach_div_(updates, bias_correction1)
     return list(updates)
+
+
+def adam_moments_(
+    exp_avgs: list[th.Tensor], exp_avg_sqs: list[th.Tensor], grads: list[th.Tensor], beta1: float, beta2: float
+) -> None:
+    """Adam's moment updates in place, ``m <- beta1 m + (1 - beta1) g`` and ``v <- beta2 v + (1 - beta2) g^2``,
+    with the same operations as ``torch.optim.Adam``. The tensors may carry a leading population dimension."""
+    th._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    th._foreach_mul_(exp_avg_sqs, beta2)
+    th._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+
+def learning_rate(
+    base_lr: Scalar, log_lr_scale: Scalar, lr_offset: Scalar, lr_parameterization: str, min_lr: float
+) -> Scalar:
+    """The adapted alpha: ``base_lr * exp(log_lr_scale)`` ("log") or ``max(base_lr + lr_offset, min_lr)`` ("linear").
+
+    Floats in, float out (:class:`HyperAdam`); tensors in, tensor out (one alpha per population member).
+    """
+    if lr_parameterization == "log":
+        return base_lr * (th.exp(log_lr_scale) if isinstance(log_lr_scale, th.Tensor) else math.exp(log_lr_scale))
+    offset_lr = base_lr + lr_offset
+    return offset_lr.clamp_min(min_lr) if isinstance(offset_lr, th.Tensor) else max(offset_lr, min_lr)
+
+
+def hyper_adam_update(
+    hypergrad: Scalar,
+    lr: Scalar,
+    *,
+    base_lr: Scalar,
+    log_lr_scale: Scalar,
+    lr_offset: Scalar,
+    exp_avg: Scalar,
+    exp_avg_sq: Scalar,
+    step: int,
+    hyper_lr: Scalar,
+    hyper_betas: tuple[float, float],
+    hyper_eps: float,
+    lr_parameterization: str,
+    min_lr: float,
+) -> tuple[Scalar, Scalar, Scalar, Scalar]:
+    """One Adam step of the hyper-optimiser on log(alpha) or alpha (HANQ paper Eq. 5, Adam via Adam, §11).
+
+    ``hypergrad`` is dL~/dalpha (Eq. 7); on the log scale the hyper-Adam sees ``alpha * dL~/dalpha``.
+    Pure arithmetic on floats (one param group of :class:`HyperAdam`) or on tensors with one entry per
+    population member (:mod:`sb3_hanq.population`), so both paths run exactly this code.
+
+    :param step: the hyper-step count *after* this step (1 on the first), for the bias corrections
+    :return: the new ``(log_lr_scale, lr_offset, exp_avg, exp_avg_sq)``
+    """
+    beta1, beta2 = hyper_betas
+    grad = hypergrad * lr if lr_parameterization == "log" else hypergrad
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    m_hat = exp_avg / (1 - beta1**step)
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    delta = hyper_lr * m_hat / (v_hat**0.5 + hyper_eps)
+    if lr_parameterization == "log":
+        return log_lr_scale - delta, lr_offset, exp_avg, exp_avg_sq
+    # keep alpha >= min_lr: the offset cannot go below what that allows
+    offset = lr_offset - delta
+    floor = min_lr - base_lr
+    offset = th.maximum(offset, th.as_tensor(floor)) if isinstance(offset, th.Tensor) else max(offset, floor)  # type: ignore[call-overload]
+    return log_lr_scale, offset, exp_avg, exp_avg_sq
 
 
 class HyperAdam(Optimizer):
@@ -156,48 +223,69 @@ class HyperAdam(Optimizer):
     def _current_lr(self, group: dict[str, Any]) -> float:
         if group["lr"] != group["written_lr"]:  # a schedule (SB3's _update_learning_rate) wrote a new value
             group["base_lr"] = float(group["lr"])
-        if group["lr_parameterization"] == "log":
-            return group["base_lr"] * math.exp(group["log_lr_scale"])
-        return max(group["base_lr"] + group["lr_offset"], group["min_lr"])
+        return float(
+            learning_rate(
+                group["base_lr"],
+                group["log_lr_scale"],
+                group["lr_offset"],
+                group["lr_parameterization"],
+                group["min_lr"],
+            )
+        )
 
     def _hyper_step(self, group: dict[str, Any], lr: float, hypergrad: float) -> float:
         """One Adam step of the hyper-optimiser on log(alpha) or alpha (Eq. 5); returns the new alpha."""
-        beta1, beta2 = group["hyper_betas"]
-        grad = hypergrad * lr if group["lr_parameterization"] == "log" else hypergrad
         group["hyper_step"] += 1
-        t = group["hyper_step"]
-        group["hyper_exp_avg"] = beta1 * group["hyper_exp_avg"] + (1 - beta1) * grad
-        group["hyper_exp_avg_sq"] = beta2 * group["hyper_exp_avg_sq"] + (1 - beta2) * grad * grad
-        m_hat = group["hyper_exp_avg"] / (1 - beta1**t)
-        v_hat = group["hyper_exp_avg_sq"] / (1 - beta2**t)
-        delta = group["hyper_lr"] * m_hat / (math.sqrt(v_hat) + group["hyper_eps"])
-        if group["lr_parameterization"] == "log":
-            group["log_lr_scale"] -= delta
-        else:
-            # keep alpha >= min_lr: the offset cannot go below what that allows
-            group["lr_offset"] = max(group["lr_offset"] - delta, group["min_lr"] - group["base_lr"])
+        (group["log_lr_scale"], group["lr_offset"], group["hyper_exp_avg"], group["hyper_exp_avg_sq"]) = (
+            hyper_adam_update(
+                hypergrad,
+                lr,
+                base_lr=group["base_lr"],
+                log_lr_scale=group["log_lr_scale"],
+                lr_offset=group["lr_offset"],
+                exp_avg=group["hyper_exp_avg"],
+                exp_avg_sq=group["hyper_exp_avg_sq"],
+                step=group["hyper_step"],
+                hyper_lr=group["hyper_lr"],
+                hyper_betas=group["hyper_betas"],
+                hyper_eps=group["hyper_eps"],
+                lr_parameterization=group["lr_parameterization"],
+                min_lr=group["min_lr"],
+            )
+        )
         try:
             lr = self._current_lr(group)
         except OverflowError:
             lr = math.inf
         if lr >= _MAX_LR:  # (a NaN hypergradient comes from non-finite gradients, which the caller reports)
             raise OverflowError(
-                f"HyperAdam: the adapted learning rate overflowed ({lr:.3g} after hyper-step {t}); the gradients "
-                f"kept the same direction step after step. Lower hyper_lr (now {group['hyper_lr']:g})."
+                f"HyperAdam: the adapted learning rate overflowed ({lr:.3g} after hyper-step {group['hyper_step']}); "
+                f"the gradients kept the same direction step after step. Lower hyper_lr (now {group['hyper_lr']:g})."
             )
         return lr
+
+    def previous_updates(self) -> list[th.Tensor] | None:
+        """u_{i-1}, the last Adam directions (one per parameter of the first group), or ``None`` before the
+        first step with ``hyper_lr > 0``: the direction along which Eq. (7) differentiates."""
+        updates = [self.state[p].get("prev_update") for p in self.param_groups[0]["params"]]
+        return None if any(u is None for u in updates) else updates  # type: ignore[return-value]
 
     @th.no_grad()
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], float] | None = None,
         hyper_grads: Sequence[th.Tensor | None] | None = None,
+        hyper_correction: th.Tensor | float | None = None,
     ) -> float | None:
         """Update alpha by its hypergradient (Eqs. 5, 7), then take an Adam step with it (Eq. 6).
 
         :param closure: re-evaluates the model and returns the loss (as in ``torch.optim``)
         :param hyper_grads: gradient of the hyperobjective L~ at the current parameters, one entry per
             parameter in ``param_groups`` order; ``None`` uses the training gradient ``p.grad``.
+        :param hyper_correction: added to ``grad L~ . u_{i-1}`` before the hyper-step: the part of the
+            hyperobjective's directional derivative the caller computed itself (HANQ's residual-gradient term,
+            from one forward-mode pass, :func:`sb3_hanq.common.q_learning.rg_directional_correction`). Only
+            for a single param group.
         """
         loss = None
         if closure is not None:
@@ -208,6 +296,8 @@ class HyperAdam(Optimizer):
             raise ValueError(
                 f"hyper_grads has {len(hyper_grads)} entries, the optimiser has {len(all_params)} parameters"
             )
+        if hyper_correction is not None and len(self.param_groups) != 1:
+            raise ValueError("hyper_correction needs a single param group")
         index = 0
         for group in self.param_groups:
             lr = self._current_lr(group)
@@ -231,7 +321,10 @@ class HyperAdam(Optimizer):
                         pairs.append((grads[k] if hyper_grad is None else hyper_grad, states[k]["prev_update"]))
                 if pairs:
                     products = th._foreach_mul([g for g, _ in pairs], [u for _, u in pairs])
-                    group["hypergradient"] = -float(th.cat([t.reshape(-1) for t in products]).sum())
+                    directional = th.cat([t.reshape(-1) for t in products]).sum()
+                    if hyper_correction is not None:
+                        directional = directional + hyper_correction
+                    group["hypergradient"] = -float(directional)
                     lr = self._hyper_step(group, lr, group["hypergradient"])
             group["lr"] = group["written_lr"] = lr
 
@@ -246,9 +339,7 @@ class HyperAdam(Optimizer):
             exp_avgs = [state["exp_avg"] for state in states]
             exp_avg_sqs = [state["exp_avg_sq"] for state in states]
             # Adam (Kingma & Ba 2014), same operations as torch.optim.Adam, batched over parameters
-            th._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            th._foreach_mul_(exp_avg_sqs, beta2)
-            th._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
             steps = [state["step"] for state in states]
             if group["hyper_lr"] > 0:
                 updates = adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])

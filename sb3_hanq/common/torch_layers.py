@@ -16,7 +16,9 @@ class L2Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        return nn.functional.normalize(x, p=2.0, dim=-1, eps=self.eps)
+        # x / max(||x||, eps), as F.normalize, written as one broadcast multiply: F.normalize divides by an
+        # expanded norm, whose backward measured 18 ms per step on 30 stacked members (population trainer)
+        return x * (x * x).sum(dim=-1, keepdim=True).clamp_min(self.eps**2).rsqrt()
 
 
 def make_norm(kind: str, dim: int, argument: str = "norm") -> nn.Module:

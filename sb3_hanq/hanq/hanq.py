@@ -14,33 +14,19 @@ from stable_baselines3.common.utils import LinearSchedule, get_parameters_by_nam
 from stable_baselines3.dqn import DQN
 
 from sb3_hanq.common.optimizers import HyperAdam
+from sb3_hanq.common.q_learning import (
+    bootstrap_q_values,
+    predicted_q_values,
+    q_learning_targets,
+    rg_directional_correction_reverse,
+    td_loss,
+)
 from sb3_hanq.common.utils import NonFiniteLossError, SupportedActionSpacesMixin, check_choice, check_positive_lr
 from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy, MultiInputPolicy
 
 SelfHANQ = TypeVar("SelfHANQ", bound="HANQ")
 
 HYPER_OBJECTIVES = ("rg", "sg")
-
-
-def q_learning_targets(
-    next_q_values: th.Tensor, rewards: th.Tensor, dones: th.Tensor, discounts: th.Tensor | float
-) -> th.Tensor:
-    """y = r + gamma (1 - d) max_a' Q(s', a') (Alg. 1-2), all [batch, 1] except ``next_q_values`` [batch, n_actions]."""
-    return rewards + (1 - dones) * discounts * next_q_values.max(dim=1, keepdim=True).values
-
-
-class _TargetPath(th.nn.Module):
-    """Q-values of the bootstrap target: Q_theta(s', .), or Q_omega,theta(s', .) when ``symmetric`` (Table 2)."""
-
-    def __init__(self, q_net: HANQNetwork, symmetric: bool) -> None:
-        super().__init__()
-        self.q_net = q_net
-        self.symmetric = symmetric
-
-    def forward(self, obs: th.Tensor) -> th.Tensor:
-        latent = self.q_net.latent(obs)
-        q_values = self.q_net.q_from_latent(latent)
-        return self.q_net.predict_q(latent, q_values)[0] if self.symmetric else q_values
 
 
 class HANQ(SupportedActionSpacesMixin, DQN):
@@ -220,44 +206,34 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         use_rg = self.hyper_objective == "rg" and self.q_net_target is None and isinstance(optimizer, HyperAdam)
         use_rg = use_rg and any(g.get("hyper_lr", 0) > 0 for g in optimizer.param_groups)
-        target_path = _TargetPath(self.q_net if self.q_net_target is None else self.q_net_target, self.policy.symmetric)
+        target_net = self.q_net if self.q_net_target is None else self.q_net_target
+        symmetric = self.policy.symmetric
         losses: list[th.Tensor] = []
         for _ in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             discounts = data.discounts if data.discounts is not None else self.gamma
-            obs, next_obs = data.observations, data.next_observations
-            # Two passes rather than one over [s; s']: the backward pass of the loss then only visits the s
-            # graph and the RG hypergradient's second backward only the s' graph (measured faster than one joint
-            # graph, and than one backward over the target path run on detached parameter copies).
-            latent = self.q_net.latent(obs)
-            q_all = self.q_net.q_from_latent(latent)
-            with th.set_grad_enabled(use_rg):
-                next_q = target_path(next_obs)
+            out = predicted_q_values(self.q_net, data.observations, data.actions.long())
+            # RG hyperobjective (§12 Eq. 9): keep the s' graph only when a hyper-step will use it (u_{i-1} exists)
+            directions = optimizer.previous_updates() if use_rg else None  # type: ignore[attr-defined]
+            with th.set_grad_enabled(directions is not None):
+                next_q = bootstrap_q_values(target_net, data.next_observations, symmetric)
             targets = q_learning_targets(next_q, data.rewards, data.dones, discounts)
-            prediction, q_sa, multiplier, bias = self.q_net.predict_q(latent, q_all, data.actions.long())
 
-            loss = ((prediction - targets.detach()) ** 2).mean()  # L_SG, the training loss (Alg. 2)
+            loss = td_loss(out.prediction, targets)  # L_SG, the training loss (Alg. 2)
             optimizer.zero_grad()
             loss.backward()
-            hyper_grads = None
-            if use_rg:
-                # grad L_RG = grad L_SG + the gradient through the bootstrap target (§12 Eq. 9), from a backward
-                # pass over the target's own graph.
-                err = (prediction - targets).detach()
-                through_target = th.autograd.grad(
-                    targets, params, grad_outputs=-2.0 * err / err.numel(), allow_unused=True
-                )
-                hyper_grads = [
-                    p.grad if d is None else (d if p.grad is None else p.grad + d)
-                    for p, d in zip(params, through_target)
-                ]
+            correction = None
+            if directions is not None:
+                errors = (out.prediction - targets).detach()
+                correction = rg_directional_correction_reverse(targets, errors, params, directions)
             if self.max_grad_norm is not None:
                 th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             if isinstance(optimizer, HyperAdam):
-                optimizer.step(hyper_grads=hyper_grads)
+                optimizer.step(hyper_correction=correction)
             else:
                 optimizer.step()
             losses.append(loss.detach())
+        q_sa, multiplier, bias = out.q_values, out.multiplier, out.bias
 
         # Checked once per call (no device sync per step); the error names the first bad gradient step.
         loss_values = th.stack(losses)

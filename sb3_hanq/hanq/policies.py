@@ -113,11 +113,13 @@ class HANQNetwork(BasePolicy):
         return self.q_from_latent(self.latent(obs))
 
     def predictor_params(self, latent: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
-        """omega_scale, omega_bias as [batch, n_actions] tensors (meta), scalars (scalar) or None (none)."""
+        """omega_scale, omega_bias as [..., batch, n_actions] tensors (meta), scalars (scalar) or None (none).
+
+        Any leading dimensions of ``latent`` are kept (the population trainer stacks members in front)."""
         if self.predictor == "meta":
             out = self.meta_head(self.meta_norm(latent))
             n_actions = int(self.action_space.n)
-            return out[:, :n_actions], (out[:, n_actions:] if self.predictor_bias else None)
+            return out[..., :n_actions], (out[..., n_actions:] if self.predictor_bias else None)
         if self.predictor == "scalar":
             return self.omega_scale, (self.omega_bias if self.predictor_bias else None)
         return None, None
@@ -125,7 +127,7 @@ class HANQNetwork(BasePolicy):
     def predict_q(
         self, latent: th.Tensor, q_values: th.Tensor, actions: th.Tensor | None = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None]:
-        """Q_omega,theta for the given actions ([batch, 1] indices) or for all actions.
+        """Q_omega,theta for the given actions ([..., batch, 1] indices) or for all actions.
 
         Q_omega,theta = omega_scale^+ * Q_theta + omega_bias (Alg. 2), with omega_scale^+ = exp(omega_scale)
         when ``positive_scale`` (HANQ; Table 2 "w/o omega_scale^+" ablates it) or omega_scale itself (SSAQ, Alg. 1).
@@ -135,11 +137,11 @@ class HANQNetwork(BasePolicy):
         """
         scale, bias = self.predictor_params(latent)
         if actions is not None:
-            q_values = th.gather(q_values, 1, actions)
-            if scale is not None and scale.dim() == 2:
-                scale = th.gather(scale, 1, actions)
-            if bias is not None and bias.dim() == 2:
-                bias = th.gather(bias, 1, actions)
+            q_values = th.gather(q_values, -1, actions)
+            if self.predictor == "meta":
+                scale = th.gather(scale, -1, actions)  # type: ignore[arg-type]
+                if bias is not None:
+                    bias = th.gather(bias, -1, actions)
         multiplier = None if scale is None else (th.exp(scale) if self.positive_scale else scale)
         prediction = q_values if multiplier is None else q_values * multiplier
         if bias is not None:

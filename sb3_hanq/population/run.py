@@ -1,0 +1,275 @@
+"""Run a population to completion: resumable checkpoints, JSON results and the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_hanq.population.trainer import PopulationTrainer, make_members
+from sb3_hanq.version import __version__
+
+#: Version of the results file's layout.
+RESULTS_FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its checkpoint (removed once the results are complete)."""
+    return out.with_name(out.name + ".ckpt.pt")
+
+
+def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(config))
+    return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
+
+
+def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str, Any]]:
+    """Per configuration (everything but the seed): seeds, mean, rliable IQM and its 95% stratified-bootstrap
+    CI of the run-averaged score (HANQ paper §4: the score averaged over all evaluations of a run)."""
+    configs: dict[str, list[float]] = {}
+    for member in members:
+        key = json.dumps(member["hyperparameters"], sort_keys=True)
+        configs.setdefault(key, []).append(member["average_score"])
+    try:
+        from rliable import library as rly
+        from rliable import metrics
+    except ImportError:  # the CI needs rliable (extra "bench"); the mean does not
+        rly = metrics = None
+    rows = []
+    for key, scores in configs.items():
+        values = np.asarray(scores, dtype=np.float64)
+        row: dict[str, Any] = dict(hyperparameters=json.loads(key), n=len(values), mean=float(np.nanmean(values)))
+        if rly is not None and np.isfinite(values).all():
+            iqm = lambda x: np.array([metrics.aggregate_iqm(x)])  # noqa: E731
+            point, ci = rly.get_interval_estimates({"c": values[:, None]}, iqm, reps=reps)
+            row.update(iqm=float(point["c"][0]), ci=[float(ci["c"][0, 0]), float(ci["c"][1, 0])])
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]], header: str = "") -> str:
+    """A Markdown table of :func:`summarize`'s rows (only the hyperparameters that vary are shown)."""
+    varying = [k for k in rows[0]["hyperparameters"] if len({json.dumps(r["hyperparameters"][k]) for r in rows}) > 1]
+    shown = varying or ["algo"]
+    lines = [header] if header else []
+    lines += [
+        "| " + " | ".join(shown) + " | seeds | mean score | IQM [95% CI] |",
+        "|" + "---|" * (len(shown) + 3),
+    ]
+    for r in rows:
+        ci = (
+            f"{r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]" if "iqm" in r else "(needs rliable: sb3-hanq[bench])"
+        )
+        cells = [
+            f"{r['hyperparameters'][k]:.3g}"
+            if isinstance(r["hyperparameters"][k], float)
+            else str(r["hyperparameters"][k])
+            for k in shown
+        ]
+        lines.append("| " + " | ".join(cells) + f" | {r['n']} | {r['mean']:.1f} | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def train_population(
+    algo: str,
+    env_id: str,
+    seeds: int | Sequence[int],
+    gradient_steps: int,
+    eval_freq: int,
+    eval_episodes: int = 10,
+    learning_rate: Sequence[float] | None = None,
+    hyper_lr: Sequence[float] | None = None,
+    tau: Sequence[float] | None = None,
+    gamma: Sequence[float] | None = None,
+    hyper_objective: Sequence[str] | None = None,
+    params: dict[str, Any] | None = None,
+    batch_size: int = 128,
+    n_samples: int | None = None,
+    target_update_interval: int = 1,
+    device: th.device | str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    progress_bar: bool = False,
+    seed: int = 0,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Train the grid ``seeds x learning_rate x hyper_lr x tau x gamma x hyper_objective x params`` offline on
+    ``env_id`` as one batched population, evaluating every member every ``eval_freq`` gradient steps.
+
+    With ``out``, the results go to ``out`` (JSON) and the summary table to ``out`` with suffix ``.md``; a
+    checkpoint is written after every evaluation, and calling again with the same arguments continues from it
+    (a finished run is returned as it is). Different arguments against an existing output are a ``ValueError``.
+
+    :param seeds: a number of seeds (``0 .. seeds-1``) or the seeds themselves
+    :return: the results (what the JSON holds): ``config``, ``members`` (per member: algorithm, hyperparameters,
+        seed, evaluation steps, scores, the score averaged over evaluations, learning rates, final learning
+        rate, ``diverged_at_step``), ``summary``, timing and machine
+    """
+    seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)  # type: ignore[arg-type]
+    for name, value in (("gradient_steps", gradient_steps), ("eval_freq", eval_freq)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1")
+    if eval_freq > gradient_steps:
+        raise ValueError(f"Invalid eval_freq={eval_freq}: larger than gradient_steps={gradient_steps} (no evaluation)")
+    members = make_members(algo, seed_list, learning_rate, hyper_lr, tau, gamma, hyper_objective, params)
+    config = dict(
+        algo=algo,
+        env_id=env_id,
+        seeds=seed_list,
+        gradient_steps=int(gradient_steps),
+        eval_freq=int(eval_freq),
+        eval_episodes=int(eval_episodes),
+        learning_rate=None if learning_rate is None else [float(x) for x in learning_rate],
+        hyper_lr=None if hyper_lr is None else [float(x) for x in hyper_lr],
+        tau=None if tau is None else [float(x) for x in tau],
+        gamma=None if gamma is None else [float(x) for x in gamma],
+        hyper_objective=None if hyper_objective is None else list(hyper_objective),
+        params=params or {},
+        batch_size=batch_size,
+        n_samples=n_samples,
+        target_update_interval=target_update_interval,
+        seed=seed,
+    )
+    out_path = Path(out) if out is not None else None
+    ckpt = checkpoint_path(out_path) if out_path is not None else None
+    if out_path is not None and out_path.exists():
+        try:
+            saved = json.loads(out_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"out={str(out_path)!r} exists and is not a results file ({err}); choose another path"
+            ) from err
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError(f"out={str(out_path)!r} exists and is not a population results file; choose another path")
+        diff = _differences(saved["config"], config)
+        if diff:
+            raise ValueError(
+                f"out={str(out_path)!r} holds a run with different arguments ({'; '.join(diff)}): "
+                "pass the same arguments to resume, or another --out"
+            )
+        if verbose:
+            print(f"{out_path} is complete: nothing to do")
+        return saved
+
+    trainer = PopulationTrainer(
+        env_id,
+        members,
+        batch_size=batch_size,
+        n_samples=n_samples,
+        eval_episodes=eval_episodes,
+        target_update_interval=target_update_interval,
+        device=device,
+        seed=seed,
+    )
+    elapsed_before = 0.0
+    if ckpt is not None and ckpt.exists():
+        state = th.load(ckpt, map_location=trainer.device, weights_only=False)
+        diff = _differences(state["config"], config)
+        if diff:
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} belongs to a run with different arguments ({'; '.join(diff)}): "
+                "pass the same arguments to resume, or another --out"
+            )
+        trainer.load_state_dict(state["trainer"])
+        elapsed_before = float(state["seconds"])
+        if verbose:
+            print(f"Resuming from {ckpt} at gradient step {trainer.num_steps}")
+
+    bar = None
+    if progress_bar:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=gradient_steps, initial=trainer.num_steps, unit="step", desc=f"{algo} x{len(members)}")
+        except ImportError:
+            print("progress_bar needs tqdm (pip install tqdm); continuing without it")
+    start = time.perf_counter()
+    start_step = trainer.num_steps
+    while trainer.num_steps < gradient_steps:
+        n = min(eval_freq - trainer.num_steps % eval_freq, gradient_steps - trainer.num_steps)
+        trainer.train_steps(n)
+        if trainer.num_steps % eval_freq == 0:
+            scores = trainer.record()
+            if ckpt is not None:
+                seconds = elapsed_before + time.perf_counter() - start
+                payload = dict(config=config, trainer=trainer.state_dict(), seconds=seconds)
+                _atomic_write(ckpt, lambda p, payload=payload: th.save(payload, p))
+            if bar is not None:
+                bar.set_postfix(score=f"{np.nanmean(scores):.1f}")
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    seconds = elapsed_before + time.perf_counter() - start
+    run_seconds = time.perf_counter() - start
+
+    history = trainer.history
+    diverged = trainer.diverged_at()
+    member_rows = []
+    for i, member in enumerate(members):
+        scores_i = [row[i] for row in history["scores"]]
+        lrs = [row[i] for row in history["learning_rates"]]
+        hyperparameters = member.config
+        hyperparameters.pop("algo")
+        member_rows.append(
+            dict(
+                algorithm=member.algo,
+                seed=member.seed,
+                hyperparameters=hyperparameters,
+                eval_steps=list(history["steps"]),
+                scores=scores_i,
+                average_score=float(np.mean(scores_i)),
+                learning_rates=lrs,
+                final_learning_rate=lrs[-1],
+                losses=[row[i] for row in history["losses"]],
+                omega_scales=[row[i] for row in history["omega_scales"]],
+                diverged_at_step=diverged[i],
+            )
+        )
+    summary = summarize(member_rows)
+    results = dict(
+        format_version=RESULTS_FORMAT_VERSION,
+        config=config,
+        members=member_rows,
+        summary=summary,
+        seconds=seconds,
+        member_steps_per_second=len(members) * (trainer.num_steps - start_step) / max(run_seconds, 1e-9),
+        machine=dict(
+            platform=platform.platform(),
+            torch=th.__version__,
+            device=str(trainer.device),
+            threads=th.get_num_threads(),
+            load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            sb3_hanq=__version__,
+        ),
+    )
+    n_diverged = sum(d is not None for d in diverged)
+    header = (
+        f"{algo} on {env_id}: {len(seed_list)} seeds x {gradient_steps} gradient steps, evaluation every "
+        f"{eval_freq} steps on {eval_episodes} episodes; score averaged over evaluations (HANQ paper §4). "
+        f"{len(members)} members in {seconds:.0f} s on {trainer.device}"
+        + (f"; {n_diverged} member(s) diverged (see diverged_at_step)" if n_diverged else "")
+        + "\n"
+    )
+    table = format_summary(summary, header)
+    if verbose:
+        print(table)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out_path, lambda p: p.write_text(json.dumps(results, indent=1)))
+        _atomic_write(out_path.with_suffix(".md"), lambda p: p.write_text(table))
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+    return results

@@ -1,0 +1,324 @@
+"""Population trainer: each member equals the SB3 class trained alone, and the CLI's contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import DQN
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.logger import Logger
+
+from sb3_hanq import HANQ, SSAQ
+from sb3_hanq.common.q_learning import (
+    ModuleFunction,
+    bootstrap_q_values,
+    q_learning_targets,
+    rg_directional_correction,
+    rg_directional_correction_reverse,
+    target_jvp,
+)
+from sb3_hanq.offline import collect_dataset, train_offline
+from sb3_hanq.population import PopulationTrainer, make_members, train_population
+from sb3_hanq.population.__main__ import main as cli_main
+from sb3_hanq.population.run import checkpoint_path
+from sb3_hanq.population.trainer import stacked_twin
+
+ENV = "DiscretePendulum-v1"
+STEPS = 200
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return collect_dataset(ENV, 300, seed=0)
+
+
+def train_alone(model, dataset, monkeypatch):
+    """Train an SB3 model through train_offline, recording its minibatch indices and initial weights."""
+    indices: list[np.ndarray] = []
+    original = ReplayBuffer._get_samples
+
+    def recording(self, batch_inds, env=None):
+        indices.append(np.array(batch_inds))
+        return original(self, batch_inds, env)
+
+    monkeypatch.setattr(ReplayBuffer, "_get_samples", recording)
+    initial = copy.deepcopy(model.q_net.state_dict())
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    train_offline(model, dataset, STEPS, log_interval=0)
+    monkeypatch.setattr(ReplayBuffer, "_get_samples", original)
+    return initial, th.as_tensor(np.stack(indices))
+
+
+def train_population_like(members, dataset, initial, indices, **kwargs):
+    trainer = PopulationTrainer(ENV, members, batch_size=BATCH, datasets={0: dataset}, device="cpu", **kwargs)
+    for group in trainer.groups:
+        names = group.names
+        for k in range(len(group.members)):  # every member starts from the SB3 model's weights
+            for name, p in zip(names, group.params):
+                p[k] = initial[name]
+            if group.target is not None:
+                for name, t in zip(names, group.target):
+                    t[k] = initial[name]
+    trainer.index_fn = lambda group, step: indices[step - 1].expand(len(group.members), -1)
+    trainer.train_steps(STEPS)
+    return trainer
+
+
+def assert_member_equals(trainer, k, model, names_map=None, lr=None):
+    group = next(g for g in trainer.groups if k in g.indices)
+    position = group.indices.index(k)
+    got = group.member_params(position)
+    expected = model.q_net.state_dict()
+    for name, value in got.items():
+        reference = expected[names_map[name] if names_map else name]
+        assert th.allclose(value, reference, rtol=1e-4, atol=2e-5), (name, (value - reference).abs().max())
+    if lr is not None:
+        assert group.learning_rates[position].item() == pytest.approx(lr, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, algo, grid",
+    [
+        (HANQ, dict(hyper_lr=0.1, hyper_objective="rg"), "hanq", dict(hyper_objective=["rg", "sg"])),
+        (HANQ, dict(hyper_lr=0.1, hyper_objective="sg"), "hanq", dict(hyper_objective=["sg", "rg"])),
+        (
+            HANQ,
+            dict(hyper_lr=0.01, policy_kwargs=dict(symmetric=True, predictor_bias=False)),
+            "hanq",
+            dict(hyper_lr=[0.01, 0.1], params=dict(symmetric=True, predictor_bias=False)),
+        ),
+        (SSAQ, dict(), "ssaq", dict(learning_rate=[3e-3, 1e-2])),
+        (SSAQ, dict(hyper_lr=1e-2), "hssaq", dict(hyper_lr=[1e-2, 0.0])),
+        (
+            HANQ,
+            dict(hyper_lr=0.0, tau=0.05, policy_kwargs=dict(predictor="none")),
+            "dqn",
+            dict(tau=[0.05, 0.5], params=dict(main_norm="layer")),
+        ),
+    ],
+)
+def test_member_equals_sb3_class(cls, kwargs, algo, grid, dataset, monkeypatch):
+    """Member 0's weights and learning rate after 200 steps equal the SB3 class's, trained alone from the same
+    weights, data and minibatch indices; the other members (other hyperparameters) share the batch."""
+    model = cls("MlpPolicy", ENV, learning_rate=3e-3, batch_size=BATCH, seed=0, device="cpu", **kwargs)
+    initial, indices = train_alone(model, dataset, monkeypatch)
+    grid = dict(grid)
+    grid.setdefault("learning_rate", [3e-3])
+    members = make_members(algo, [0], **grid)
+    trainer = train_population_like(members, dataset, initial, indices)
+    assert_member_equals(trainer, 0, model, lr=model.current_learning_rate)
+    # the second member really is different (no accidental sharing across members)
+    other = next(g for g in trainer.groups if 1 in g.indices)
+    differs = [
+        not th.allclose(p, model.q_net.state_dict()[n], atol=1e-4)
+        for n, p in other.member_params(other.indices.index(1)).items()
+    ]
+    assert any(differs)
+
+
+def test_member_equals_sb3_dqn(dataset, monkeypatch):
+    """The ``dqn`` algorithm with SB3's loss and clipping equals SB3's own DQN (Polyak target, beta = tau)."""
+    model = DQN(
+        "MlpPolicy",
+        ENV,
+        learning_rate=1e-3,
+        batch_size=BATCH,
+        tau=0.01,
+        target_update_interval=1,
+        policy_kwargs=dict(net_arch=[128]),
+        seed=0,
+        device="cpu",
+    )
+    initial, indices = train_alone(model, dataset, monkeypatch)
+    names_map = {"torso.0.weight": "q_net.0.weight", "torso.0.bias": "q_net.0.bias"}
+    names_map.update({"q_head.weight": "q_net.2.weight", "q_head.bias": "q_net.2.bias"})
+    initial = {ours: initial[theirs] for ours, theirs in names_map.items()}
+    members = make_members("dqn", [0], learning_rate=[1e-3], tau=[0.01], params=dict(loss="huber", max_grad_norm=10.0))
+    trainer = train_population_like(members, dataset, initial, indices)
+    assert_member_equals(trainer, 0, model, names_map=names_map)
+    target = {n: t[0] for n, t in zip(trainer.groups[0].names, trainer.groups[0].target)}
+    for ours, theirs in names_map.items():
+        assert th.allclose(target[ours], model.q_net_target.state_dict()[theirs], rtol=1e-4, atol=2e-5)
+
+
+def test_rg_correction_forward_equals_reverse():
+    """The RG term by one backward pass equals the forward-mode (jvp) directional derivative, on one network
+    and on stacked members."""
+    model = HANQ("MlpPolicy", ENV, seed=1, device="cpu")
+    net = model.q_net
+    gen = th.Generator().manual_seed(0)
+    next_obs = th.randn(16, 3, generator=gen)
+    rewards, dones = th.randn(16, 1, generator=gen), th.zeros(16, 1)
+    errors = th.randn(16, 1, generator=gen)
+    params = dict(net.named_parameters())
+    directions = {n: th.randn(p.shape, generator=gen) for n, p in params.items()}
+    path = ModuleFunction(net, bootstrap_q_values)
+
+    def targets_of(weights):
+        q = th.func.functional_call(path, {"module." + n: w for n, w in weights.items()}, (next_obs,))
+        return q_learning_targets(q, rewards, dones, 0.99)
+
+    _, tangents = target_jvp(targets_of, {n: p.detach() for n, p in params.items()}, directions)
+    forward = rg_directional_correction(errors, tangents)
+    targets = q_learning_targets(bootstrap_q_values(net, next_obs), rewards, dones, 0.99)
+    reverse = rg_directional_correction_reverse(targets, errors, list(params.values()), list(directions.values()))
+    assert forward.item() == pytest.approx(reverse.item(), rel=1e-4)
+
+
+def test_stacked_twin_matches_members():
+    """The stacked twin of HANQ's network gives each member's own outputs and gradients."""
+    nets = [HANQ("MlpPolicy", ENV, seed=s, device="cpu").q_net for s in range(3)]
+    twin = stacked_twin(nets[0])
+    stacked = {
+        n: th.stack([dict(net.named_parameters())[n].detach() for net in nets]) for n, _ in nets[0].named_parameters()
+    }
+    stacked = {n: p.requires_grad_(True) for n, p in stacked.items()}
+    obs = th.randn(3, 8, 3)
+    out = th.func.functional_call(twin, stacked, (obs,))
+    out.square().sum().backward()
+    for k, net in enumerate(nets):
+        reference = net(obs[k])
+        assert th.allclose(out[k], reference, atol=1e-6)
+        reference.square().sum().backward()
+        for n, p in net.named_parameters():
+            if p.grad is None:  # the metapredictor is not on the forward (acting) path
+                assert stacked[n].grad is None, n
+            else:
+                assert th.allclose(stacked[n].grad[k], p.grad, atol=1e-5), n
+
+
+def test_initial_weights_follow_the_seed():
+    """A member with seed s starts from the weights of HANQ(..., seed=s)."""
+    trainer = PopulationTrainer(ENV, make_members("hanq", [3, 5]), n_samples=50, device="cpu")
+    for k, seed in enumerate([3, 5]):
+        expected = HANQ("MlpPolicy", ENV, seed=seed, device="cpu").q_net.state_dict()
+        for name, value in trainer.groups[0].member_params(k).items():
+            assert th.equal(value, expected[name]), name
+
+
+def test_divergence_is_detected_and_frozen():
+    """A member whose loss turns non-finite is reported with its step and keeps its last finite weights; the
+    other members train on."""
+    bad = collect_dataset(ENV, 50, seed=1)
+    bad.rewards[:] = np.float32(3e38)
+    trainer = PopulationTrainer(
+        ENV, make_members("hanq", [0, 1], hyper_lr=[0.0]), n_samples=50, datasets={1: bad}, device="cpu"
+    )
+    trainer.train_steps(5)
+    assert trainer.diverged_at() == [None, 1]
+    group = trainer.groups[0]
+    assert all(th.isfinite(p).all() for p in group.params)
+    frozen = group.member_params(1)
+    trainer.train_steps(3)
+    assert all(th.equal(frozen[n], group.member_params(1)[n]) for n in frozen)
+
+
+def test_grid_is_the_product_and_groups_by_shape():
+    members = make_members(
+        "dqn", [0, 1], learning_rate=[1e-3, 1e-2], tau=[1.0, 0.1], params=dict(main_norm=["none", "layer"])
+    )
+    assert len(members) == 2 * 2 * 2 * 2
+    trainer = PopulationTrainer(ENV, members, n_samples=20, device="cpu")
+    # target network or not x two architectures
+    assert len(trainer.groups) == 4
+    assert sorted(i for g in trainer.groups for i in g.indices) == list(range(len(members)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(algo="sac"), ValueError, "algo"),
+        (dict(learning_rate=[0.0]), ValueError, "learning_rate"),
+        (dict(learning_rate=["1e-3"]), TypeError, "learning_rate"),
+        (dict(tau=[1.5]), ValueError, "tau"),
+        (dict(gamma=[1.0]), ValueError, "gamma"),
+        (dict(hyper_lr=[-1.0]), ValueError, "hyper_lr"),
+        (dict(hyper_objective=["xx"]), ValueError, "hyper_objective"),
+        (dict(params=dict(main_norm="batch")), TypeError, "main_norm"),
+        (dict(params=dict(positive_scale="yes")), TypeError, "positive_scale"),
+        (dict(params=dict(width=3)), ValueError, "width"),
+        (dict(params=dict(gamma=0.9)), ValueError, "own argument"),
+        (dict(seeds=[0, 0]), ValueError, "seeds"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    args = dict(algo="hanq", seeds=[0])
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        make_members(**args)
+
+
+def test_too_many_members_for_memory_is_refused(monkeypatch):
+    import sb3_hanq.population.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "available_memory", lambda device: 10_000_000)
+    with pytest.raises(MemoryError, match="members"):
+        PopulationTrainer(ENV, make_members("hanq", range(50)), n_samples=10, device="cpu")
+
+
+def test_unknown_env_is_refused():
+    with pytest.raises(ValueError, match="env_id"):
+        PopulationTrainer("MountainCar-v0", make_members("hanq", [0]), device="cpu")
+
+
+RUN = dict(algo="hanq", env_id=ENV, seeds=2, gradient_steps=40, eval_freq=20, eval_episodes=2, n_samples=64)
+
+
+def test_results_file_and_resume(tmp_path, monkeypatch):
+    """A run killed after its first evaluation resumes from the checkpoint and ends where an uninterrupted
+    run ends; different arguments against the same output are a clear error."""
+    full = train_population(**RUN, learning_rate=[1e-3, 3e-3], device="cpu", out=tmp_path / "full.json", verbose=0)
+    data = json.loads((tmp_path / "full.json").read_text())
+    assert len(data["members"]) == 4 and (tmp_path / "full.md").exists()
+    member = data["members"][0]
+    assert member["eval_steps"] == [20, 40]
+    assert member["average_score"] == pytest.approx(np.mean(member["scores"]))
+    assert member["final_learning_rate"] == member["learning_rates"][-1]
+    assert set(member["hyperparameters"]) >= {"learning_rate", "hyper_lr", "tau", "gamma", "hyper_objective"}
+    assert [row["n"] for row in data["summary"]] == [2, 2]
+    assert not checkpoint_path(tmp_path / "full.json").exists()
+
+    import sb3_hanq.population.run as run_module
+
+    class Killed(Exception):
+        pass
+
+    original = run_module.PopulationTrainer.record
+
+    def record_then_die(self):
+        scores = original(self)
+        if self.num_steps == 40:
+            raise Killed
+        return scores
+
+    out = tmp_path / "resumed.json"
+    monkeypatch.setattr(run_module.PopulationTrainer, "record", record_then_die)
+    with pytest.raises(Killed):
+        train_population(**RUN, learning_rate=[1e-3, 3e-3], device="cpu", out=out, verbose=0)
+    assert checkpoint_path(out).exists() and not out.exists()
+    monkeypatch.setattr(run_module.PopulationTrainer, "record", original)
+    resumed = train_population(**RUN, learning_rate=[1e-3, 3e-3], device="cpu", out=out, verbose=0)
+    for a, b in zip(full["members"], resumed["members"]):
+        assert a["scores"] == b["scores"] and a["learning_rates"] == b["learning_rates"]
+
+    with pytest.raises(ValueError, match="different arguments"):
+        train_population(**RUN, learning_rate=[1e-2], device="cpu", out=out, verbose=0)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--algo", "dqn", "--env", ENV, "--seeds", "2", "--gradient-steps", "20", "--eval-freq", "10"]
+    argv += ["--eval-episodes", "2", "--n-samples", "32", "--tau", "1.0", "0.1", "-params", "main_norm:layer"]
+    argv += ["--no-progress-bar", "--device", "cpu", "--out", str(out)]
+    assert cli_main(argv) == 0
+    data = json.loads(out.read_text())
+    assert {m["hyperparameters"]["tau"] for m in data["members"]} == {1.0, 0.1}
+    assert all(m["hyperparameters"]["main_norm"] == "layer" for m in data["members"])
+    assert "seeds" in capsys.readouterr().out
+    assert cli_main(argv[:-2] + ["--out", str(out), "-params", "main_norm:l3"]) == 2
+    assert "main_norm" in capsys.readouterr().err
