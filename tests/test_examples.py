@@ -43,3 +43,19 @@ def test_example_trains_saves_loads_predicts(tmp_path, name):
     assert len(result["eval_returns"]) >= 2  # the EvalCallback ran during training
     assert (tmp_path / "evaluations.npz").is_file()
     assert result["loaded_predicts_the_same"]
+
+
+def test_population_example(tmp_path):
+    """The population example trains seeds x kappa members and writes the results and summary it prints."""
+    results = _load("population_pendulum").main(gradient_steps=20, seeds=2, out_dir=tmp_path)
+    assert sorted((m["seed"], m["hyperparameters"]["hyper_lr"]) for m in results["members"]) == [
+        (0, 0.0),
+        (0, 0.1),
+        (1, 0.0),
+        (1, 0.1),
+    ]
+    assert [row["n"] for row in results["summary"]] == [2, 2]
+    assert (tmp_path / "population_pendulum.json").is_file() and (tmp_path / "population_pendulum.md").is_file()
+    # kappa = 0 keeps alpha fixed; kappa = 0.1 moves it
+    lrs = {m["hyperparameters"]["hyper_lr"]: m["final_learning_rate"] for m in results["members"]}
+    assert lrs[0.0] == 10**-2.5 and lrs[0.1] != 10**-2.5

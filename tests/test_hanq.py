@@ -324,3 +324,25 @@ def test_multi_input_policy_trains():
     assert model.q_net_target is None
     model.learn(60)
     assert model._n_updates > 0
+
+
+def test_per_state_metapredictor():
+    """metapredictor_outputs="state": a 2-output head whose (omega_scale, omega_bias) is the same for every action
+    of a state, so Q_omega,theta(s, a) - omega_bias(s) is exp(omega_scale(s)) times Q_theta(s, a) for all a."""
+    per_state = HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="state"), seed=0)
+    per_pair = HANQ("MlpPolicy", "CartPole-v1", seed=0)
+    assert per_state.q_net.meta_head.out_features == 2 and per_pair.q_net.meta_head.out_features == 4
+    net = per_state.q_net
+    obs = th.randn(7, 4)
+    latent = net.latent(obs)
+    q_all = net.q_from_latent(latent)
+    full, _, scale, bias = net.predict_q(latent, q_all)
+    assert scale.shape == (7, 1) and bias.shape == (7, 1)
+    th.testing.assert_close(full, scale * q_all + bias)
+    for action in range(2):
+        actions = th.full((7, 1), action)
+        chosen, q_sa, *_ = net.predict_q(latent, q_all, actions)
+        th.testing.assert_close(chosen, full[:, action : action + 1])
+        th.testing.assert_close(q_sa, q_all[:, action : action + 1])
+    with pytest.raises(ValueError, match="metapredictor_outputs"):
+        HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="action"))

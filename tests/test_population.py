@@ -92,6 +92,12 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
             "hanq",
             dict(hyper_lr=[0.01, 0.1], params=dict(symmetric=True, predictor_bias=False)),
         ),
+        (
+            HANQ,
+            dict(hyper_lr=0.1, policy_kwargs=dict(metapredictor_outputs="state")),
+            "hanq",
+            dict(hyper_objective=["rg", "sg"], params=dict(metapredictor_outputs="state")),
+        ),
         (SSAQ, dict(), "ssaq", dict(learning_rate=[3e-3, 1e-2])),
         (SSAQ, dict(hyper_lr=1e-2), "hssaq", dict(hyper_lr=[1e-2, 0.0])),
         (

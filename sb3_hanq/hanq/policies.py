@@ -37,6 +37,10 @@ from sb3_hanq.common.utils import check_choice
 
 PREDICTORS = ("meta", "scalar", "none")
 
+#: What the metapredictor's outputs are indexed by (issue #14): one (omega_scale, omega_bias) per state-action
+#: pair or one per state, broadcast over the actions.
+METAPREDICTOR_OUTPUTS = ("state_action", "state")
+
 
 class HANQNetwork(BasePolicy):
     """Q-network with a predictor head (HANQ paper Fig. 6a).
@@ -51,6 +55,11 @@ class HANQNetwork(BasePolicy):
     :param predictor_bias: learn omega_bias (HANQ) or not (SSAQ, Table 2 "w/o omega_bias")
     :param main_norm: normalisation before the Q head: ``"layer"``, ``"l2"`` or ``"none"`` (Tables 3-4)
     :param meta_norm: normalisation before the metapredictor head, same choices
+    :param metapredictor_outputs: ``"state_action"`` (default): the head has 2 |A| outputs, one
+        (omega_scale, omega_bias) per action, reading Alg. 2's "omega_theta(s, a)" literally; ``"state"``: the
+        head has 2 outputs, one pair per state broadcast over the actions, reading §11 ("HANQ's metapredictor
+        again takes as input the features", i.e. a function of s) and Alg. 2's (s, a) as loose notation.
+        Only with ``predictor="meta"``.
     """
 
     action_space: spaces.Discrete
@@ -69,10 +78,12 @@ class HANQNetwork(BasePolicy):
         predictor_bias: bool = True,
         main_norm: str = "layer",
         meta_norm: str = "l2",
+        metapredictor_outputs: str = "state_action",
     ) -> None:
         super().__init__(
             observation_space, action_space, features_extractor=features_extractor, normalize_images=normalize_images
         )
+        self.metapredictor_outputs = metapredictor_outputs
         self.net_arch = [128] if net_arch is None else net_arch
         self.activation_fn = activation_fn
         self.features_dim = features_dim
@@ -93,9 +104,10 @@ class HANQNetwork(BasePolicy):
         scale_init = 0.0 if positive_scale else 1.0
         if predictor == "meta":
             self.meta_norm = make_norm(meta_norm, latent_dim, "meta_norm")
-            self.meta_head = nn.Linear(latent_dim, n_actions * (2 if predictor_bias else 1))
+            per = 1 if metapredictor_outputs == "state" else n_actions  # outputs per state for each of scale, bias
+            self.meta_head = nn.Linear(latent_dim, per * (2 if predictor_bias else 1))
             with th.no_grad():
-                self.meta_head.bias[:n_actions].add_(scale_init)
+                self.meta_head.bias[:per].add_(scale_init)
         elif predictor == "scalar":
             self.omega_scale = nn.Parameter(th.tensor(scale_init))
             if predictor_bias:
@@ -118,8 +130,8 @@ class HANQNetwork(BasePolicy):
         Any leading dimensions of ``latent`` are kept (the population trainer stacks members in front)."""
         if self.predictor == "meta":
             out = self.meta_head(self.meta_norm(latent))
-            n_actions = int(self.action_space.n)
-            return out[..., :n_actions], (out[..., n_actions:] if self.predictor_bias else None)
+            per = 1 if self.metapredictor_outputs == "state" else int(self.action_space.n)
+            return out[..., :per], (out[..., per:] if self.predictor_bias else None)
         if self.predictor == "scalar":
             return self.omega_scale, (self.omega_bias if self.predictor_bias else None)
         return None, None
@@ -138,7 +150,7 @@ class HANQNetwork(BasePolicy):
         scale, bias = self.predictor_params(latent)
         if actions is not None:
             q_values = th.gather(q_values, -1, actions)
-            if self.predictor == "meta":
+            if self.predictor == "meta" and self.metapredictor_outputs == "state_action":
                 scale = th.gather(scale, -1, actions)  # type: ignore[arg-type]
                 if bias is not None:
                     bias = th.gather(bias, -1, actions)
@@ -164,6 +176,7 @@ class HANQNetwork(BasePolicy):
                 predictor_bias=self.predictor_bias,
                 main_norm=self.main_norm_type,
                 meta_norm=self.meta_norm_type,
+                metapredictor_outputs=self.metapredictor_outputs,
             )
         )
         return data
@@ -200,11 +213,13 @@ class HANQPolicy(DQNPolicy):
         symmetric: bool = False,
         main_norm: str = "layer",
         meta_norm: str = "l2",
+        metapredictor_outputs: str = "state_action",
         target_network: bool = False,
     ) -> None:
         check_choice("predictor", predictor, PREDICTORS)
         check_choice("main_norm", main_norm, NORMS)
         check_choice("meta_norm", meta_norm, NORMS)
+        check_choice("metapredictor_outputs", metapredictor_outputs, METAPREDICTOR_OUTPUTS)
         for name, flag in (("positive_scale", positive_scale), ("predictor_bias", predictor_bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -216,6 +231,7 @@ class HANQPolicy(DQNPolicy):
             predictor_bias=predictor_bias,
             main_norm=main_norm,
             meta_norm=meta_norm,
+            metapredictor_outputs=metapredictor_outputs,
         )
         self.symmetric = bool(symmetric)
         self.target_network = bool(target_network)

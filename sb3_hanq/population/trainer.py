@@ -50,7 +50,7 @@ from sb3_hanq.common.q_learning import (
 )
 from sb3_hanq.common.torch_layers import NORMS
 from sb3_hanq.hanq.hanq import HYPER_OBJECTIVES
-from sb3_hanq.hanq.policies import PREDICTORS, HANQPolicy
+from sb3_hanq.hanq.policies import METAPREDICTOR_OUTPUTS, PREDICTORS, HANQPolicy
 from sb3_hanq.population.envs import BATCHED_ENV_IDS, make_batched_env
 from sb3_hanq.ssaq.ssaq import SSAQ_POLICY_DEFAULTS
 
@@ -75,6 +75,11 @@ GROUP_PARAMS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "positive_scale": ((bool,), lambda v: True, "a bool"),
     "predictor_bias": ((bool,), lambda v: True, "a bool"),
     "symmetric": ((bool,), lambda v: True, "a bool"),
+    "metapredictor_outputs": (
+        (str,),
+        lambda v: v in METAPREDICTOR_OUTPUTS,
+        f"one of {METAPREDICTOR_OUTPUTS}",
+    ),
     "main_norm": ((str,), lambda v: v in NORMS, f"one of {NORMS}"),
     "meta_norm": ((str,), lambda v: v in NORMS, f"one of {NORMS}"),
     "net_arch": ((list,), lambda v: all(isinstance(x, int) and x > 0 for x in v), "a list of positive ints"),
@@ -122,6 +127,7 @@ def _param_defaults(algo: str) -> dict[str, Any]:
         symmetric=False,
         main_norm="layer",
         meta_norm="l2",
+        metapredictor_outputs="state_action",
         net_arch=[128],
     )
     policy.update(ALGORITHMS[algo]["policy"])
@@ -380,6 +386,7 @@ class _Group:
         self.target_network = members[0].tau < 1
         policy_kwargs = {k: settings[k] for k in ("predictor", "positive_scale", "predictor_bias", "main_norm")}
         policy_kwargs.update(meta_norm=settings["meta_norm"], net_arch=list(settings["net_arch"]))
+        policy_kwargs.update(metapredictor_outputs=settings["metapredictor_outputs"])
         nets = []
         for k, member in enumerate(members):
             # The same initial weights as HANQ(..., seed=seed): SB3 seeds every RNG, then builds the policy.
