@@ -328,3 +328,18 @@ def test_cli(tmp_path, capsys):
     assert "seeds" in capsys.readouterr().out
     assert cli_main(argv[:-2] + ["--out", str(out), "-params", "main_norm:l3"]) == 2
     assert "main_norm" in capsys.readouterr().err
+
+
+def test_summary_table_shows_what_varies():
+    from sb3_hanq.population.run import format_summary, summarize
+
+    members = [
+        dict(hyperparameters=dict(learning_rate=lr, tau=1.0), average_score=score)
+        for lr, score in ((1e-3, 10.0), (1e-3, 20.0), (1e-2, 50.0))
+    ]
+    rows = summarize(members, reps=200)
+    assert [(r["n"], r["mean"]) for r in rows] == [(2, 15.0), (1, 50.0)]
+    table = format_summary(rows)
+    assert "| learning_rate | seeds |" in table and "tau" not in table
+    single = format_summary(summarize(members[:2], reps=200))
+    assert "(the only one) | 2 | 15.0 |" in single

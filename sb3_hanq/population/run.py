@@ -61,24 +61,17 @@ def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str,
 
 
 def format_summary(rows: list[dict[str, Any]], header: str = "") -> str:
-    """A Markdown table of :func:`summarize`'s rows (only the hyperparameters that vary are shown)."""
+    """A Markdown table of :func:`summarize`'s rows: one column per hyperparameter that varies across rows."""
     varying = [k for k in rows[0]["hyperparameters"] if len({json.dumps(r["hyperparameters"][k]) for r in rows}) > 1]
-    shown = varying or ["algo"]
     lines = [header] if header else []
     lines += [
-        "| " + " | ".join(shown) + " | seeds | mean score | IQM [95% CI] |",
-        "|" + "---|" * (len(shown) + 3),
+        "| " + " | ".join(varying or ["configuration"]) + " | seeds | mean score | IQM [95% CI] |",
+        "|" + "---|" * (max(len(varying), 1) + 3),
     ]
     for r in rows:
-        ci = (
-            f"{r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]" if "iqm" in r else "(needs rliable: sb3-hanq[bench])"
-        )
-        cells = [
-            f"{r['hyperparameters'][k]:.3g}"
-            if isinstance(r["hyperparameters"][k], float)
-            else str(r["hyperparameters"][k])
-            for k in shown
-        ]
+        ci = f"{r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]" if "iqm" in r else "(needs rliable: sb3-hanq[bench])"
+        values = [r["hyperparameters"][k] for k in varying]
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in values] or ["(the only one)"]
         lines.append("| " + " | ".join(cells) + f" | {r['n']} | {r['mean']:.1f} | {ci} |")
     return "\n".join(lines) + "\n"
 
