@@ -37,7 +37,7 @@ def dataset():
     return collect_dataset(ENV, 300, seed=0)
 
 
-def train_alone(model, dataset, monkeypatch):
+def train_alone(model, dataset, monkeypatch, steps=STEPS):
     """Train an SB3 model through train_offline, recording its minibatch indices and initial weights."""
     indices: list[np.ndarray] = []
     original = ReplayBuffer._get_samples
@@ -49,13 +49,13 @@ def train_alone(model, dataset, monkeypatch):
     monkeypatch.setattr(ReplayBuffer, "_get_samples", recording)
     initial = copy.deepcopy(model.q_net.state_dict())
     model.set_logger(Logger(folder=None, output_formats=[]))
-    train_offline(model, dataset, STEPS, log_interval=0)
+    train_offline(model, dataset, steps, log_interval=0)
     monkeypatch.setattr(ReplayBuffer, "_get_samples", original)
     return initial, th.as_tensor(np.stack(indices))
 
 
-def train_population_like(members, dataset, initial, indices, **kwargs):
-    trainer = PopulationTrainer(ENV, members, batch_size=BATCH, datasets={0: dataset}, device="cpu", **kwargs)
+def train_population_like(members, dataset, initial, indices, env=ENV, steps=STEPS):
+    trainer = PopulationTrainer(env, members, batch_size=BATCH, datasets={0: dataset}, device="cpu")
     for group in trainer.groups:
         names = group.names
         for k in range(len(group.members)):  # every member starts from the SB3 model's weights
@@ -65,7 +65,7 @@ def train_population_like(members, dataset, initial, indices, **kwargs):
                 for name, t in zip(names, group.target):
                     t[k] = initial[name]
     trainer.index_fn = lambda group, step: indices[step - 1].expand(len(group.members), -1)
-    trainer.train_steps(STEPS)
+    trainer.train_steps(steps)
     return trainer
 
 
@@ -150,6 +150,18 @@ def test_member_equals_sb3_dqn(dataset, monkeypatch):
     target = {n: t[0] for n, t in zip(trainer.groups[0].names, trainer.groups[0].target)}
     for ours, theirs in names_map.items():
         assert th.allclose(target[ours], model.q_net_target.state_dict()[theirs], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1"])
+def test_member_equals_sb3_class_with_terminations(env_id, monkeypatch):
+    """Episodic data (CartPole: terminations) and 6-d observations (Acrobot) through both paths: HANQ, RG."""
+    data = collect_dataset(env_id, 400, seed=2)
+    assert data.terminations.any() or env_id == "Acrobot-v1"  # random Acrobot episodes rarely end early
+    model = HANQ("MlpPolicy", env_id, learning_rate=1e-3, batch_size=BATCH, seed=2, device="cpu")
+    initial, indices = train_alone(model, data, monkeypatch, steps=100)
+    members = make_members("hanq", [2], learning_rate=[1e-3])
+    trainer = train_population_like(members, data, initial, indices, env=env_id, steps=100)
+    assert_member_equals(trainer, 0, model, lr=model.current_learning_rate)
 
 
 def test_rg_correction_forward_equals_reverse():
