@@ -354,8 +354,8 @@ def test_logger_dumps_every_log_interval(tmp_path):
     train_offline(model, _tiny_dataset(), gradient_steps=10, log_interval=4)
     with open(tmp_path / "progress.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["time/gradient_steps"]) for r in rows] == [4, 8]
-    assert [int(r["train/n_updates"]) for r in rows] == [4, 8]
+    assert [int(r["time/gradient_steps"]) for r in rows] == [4, 8, 10]  # and once at the end (issue #15)
+    assert [int(r["train/n_updates"]) for r in rows] == [4, 8, 10]
 
 
 def test_train_offline_box_actions_with_sac():

@@ -162,7 +162,7 @@ def test_state_dict_round_trip_continues_identically():
     "kwargs, match",
     [
         (dict(lr=-1e-3), "lr"),
-        (dict(lr=0.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
         (dict(hyper_lr=-0.1), "hyper_lr"),
         (dict(lr_parameterization="exp"), "lr_parameterization"),
         (dict(betas=(0.9, 1.5)), "betas"),

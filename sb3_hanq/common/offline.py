@@ -96,6 +96,11 @@ class OfflineDataset:
             setattr(self, name, value.astype(np.float32, copy=False))
         if not np.isin(self.terminations, (0.0, 1.0)).all():
             raise ValueError("terminations: expected only 0.0 and 1.0 values")
+        for name in ("observations", "rewards", "next_observations", "actions"):
+            value = getattr(self, name)
+            if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).reshape(n, -1).any(axis=1).sum())
+                raise ValueError(f"{name}: {bad} sample(s) hold NaN or infinite values; remove or fix them")
 
     def __len__(self) -> int:
         return len(self.observations)
@@ -366,23 +371,29 @@ def train_offline(
     callback.on_training_start(locals(), globals())
     start_time, start_step = time.time(), model.num_timesteps
 
+    def dump() -> None:
+        elapsed = max(time.time() - start_time, 1e-9)
+        model.logger.record("time/gradient_steps", model.num_timesteps)
+        model.logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
+        model.logger.record("time/fps", int((model.num_timesteps - start_step) / elapsed))
+        model.logger.dump(step=model.num_timesteps)
+
     for _ in range(int(gradient_steps)):
         model.num_timesteps += 1
         model._update_current_progress_remaining(model.num_timesteps, total_timesteps)
         model.train(gradient_steps=1, batch_size=model.batch_size)
         model._on_step()
+        model.logger.name_to_value.pop("rollout/exploration_rate", None)  # DQN's epsilon: meaningless offline
 
         callback.update_locals(locals())
         if not callback.on_step():
             break
 
         if log_interval > 0 and model.num_timesteps % log_interval == 0:
-            elapsed = max(time.time() - start_time, 1e-9)
-            model.logger.record("time/gradient_steps", model.num_timesteps)
-            model.logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
-            model.logger.record("time/fps", int((model.num_timesteps - start_step) / elapsed))
-            model.logger.dump(step=model.num_timesteps)
+            dump()
 
+    if log_interval > 0 and model.num_timesteps % log_interval != 0:  # the last steps' scalars, dumped too
+        dump()
     callback.on_training_end()
     return model
 

@@ -174,8 +174,9 @@ class HyperAdam(Optimizer):
         lr_parameterization: str = "log",
         min_lr: float = 1e-8,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"Invalid learning rate lr={lr!r}: must be a float > 0")
+        # lr = 0 is allowed: SB3's BasePolicy.load rebuilds a saved policy with a learning rate of 0
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"Invalid learning rate lr={lr!r}: must be a float >= 0")
         if not (isinstance(hyper_lr, (int, float)) and hyper_lr >= 0):
             raise ValueError(f"Invalid hyper_lr={hyper_lr!r}: must be a float >= 0 (0 disables adaptation)")
         for name, b in (("betas", betas), ("hyper_betas", hyper_betas)):

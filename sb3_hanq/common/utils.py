@@ -35,6 +35,12 @@ def check_positive_lr(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}={value!r}: must be > 0 (or a schedule returning values > 0)")
 
 
+def check_gamma(value: Any) -> None:
+    """``gamma`` is a discount factor: a real number in [0, 1] (``ValueError`` naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"Invalid gamma={value!r}: must be a float in [0, 1]")
+
+
 def check_non_negative(name: str, value: Any, hint: str = "") -> None:
     """``ValueError`` naming the argument when ``value`` is not a real number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -52,5 +58,6 @@ class SupportedActionSpacesMixin:
 
     @classmethod
     def _wrap_env(cls, env: Any, verbose: int = 0, monitor_wrapper: bool = True) -> Any:
-        check_action_space(env.action_space, cls.supported_action_spaces, cls.__name__)
+        if hasattr(env, "action_space"):  # anything else (e.g. an env id given to load()): SB3's own ValueError
+            check_action_space(env.action_space, cls.supported_action_spaces, cls.__name__)
         return super()._wrap_env(env, verbose, monitor_wrapper)  # type: ignore[misc]

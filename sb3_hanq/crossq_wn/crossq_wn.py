@@ -20,7 +20,13 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
-from sb3_hanq.common.utils import SupportedActionSpacesMixin, check_choice, check_non_negative, check_positive_lr
+from sb3_hanq.common.utils import (
+    SupportedActionSpacesMixin,
+    check_choice,
+    check_gamma,
+    check_non_negative,
+    check_positive_lr,
+)
 from sb3_hanq.common.weight_norm import PROJECTION_MODES, dense_weight_norm
 from sb3_hanq.crossq_wn.policies import CrossQWNPolicy, MlpPolicy
 
@@ -152,6 +158,7 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         _init_setup_model: bool = True,
     ) -> None:
         check_positive_lr("learning_rate", learning_rate)
+        check_gamma(gamma)
         check_non_negative("weight_decay", weight_decay, " (the paper uses 1e-2; 0 makes AdamW plain Adam)")
         check_choice("weight_norm_mode", weight_norm_mode, PROJECTION_MODES)
         if not (isinstance(tau, (int, float)) and 0 < tau <= 1):

@@ -21,7 +21,13 @@ from sb3_hanq.common.q_learning import (
     rg_directional_correction_reverse,
     td_loss,
 )
-from sb3_hanq.common.utils import NonFiniteLossError, SupportedActionSpacesMixin, check_choice, check_positive_lr
+from sb3_hanq.common.utils import (
+    NonFiniteLossError,
+    SupportedActionSpacesMixin,
+    check_choice,
+    check_gamma,
+    check_positive_lr,
+)
 from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy, MultiInputPolicy
 
 SelfHANQ = TypeVar("SelfHANQ", bound="HANQ")
@@ -126,6 +132,7 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         _init_setup_model: bool = True,
     ) -> None:
         check_positive_lr("learning_rate", learning_rate)
+        check_gamma(gamma)
         if not (isinstance(hyper_lr, (int, float)) and hyper_lr >= 0):
             raise ValueError(f"Invalid hyper_lr={hyper_lr!r}: must be a float >= 0 (0 disables hypergradients)")
         check_choice("hyper_objective", hyper_objective, HYPER_OBJECTIVES)
@@ -175,8 +182,19 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             device=device,
             _init_setup_model=False,
         )
+        self._algorithm = type(self).__name__  # saved with the model: load() refuses another class's file
         if _init_setup_model:
             self._setup_model()
+
+    @classmethod
+    def load(cls, path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SB3's ``load``, refusing a file saved by another algorithm class (e.g. ``SSAQ.load`` of a HANQ file,
+        which would otherwise come back as an "SSAQ" with HANQ's metapredictor and kappa)."""
+        model = super().load(path, *args, **kwargs)
+        saved = model.__dict__.get("_algorithm", cls.__name__)  # files saved before 0.1.0 carry no name
+        if saved != cls.__name__:
+            raise ValueError(f"{path!r} was saved by {saved}, not {cls.__name__}: load it with {saved}.load")
+        return model
 
     def _setup_model(self) -> None:
         if self.policy_kwargs.get("target_network"):

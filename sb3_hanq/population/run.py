@@ -69,7 +69,9 @@ def format_summary(rows: list[dict[str, Any]], header: str = "") -> str:
         "|" + "---|" * (max(len(varying), 1) + 3),
     ]
     for r in rows:
-        ci = f"{r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]" if "iqm" in r else "(needs rliable: sb3-hanq[bench])"
+        ci = (
+            f"{r['iqm']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]" if "iqm" in r else "(needs rliable: sb3-hanq[bench])"
+        )
         values = [r["hyperparameters"][k] for k in varying]
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in values] or ["(the only one)"]
         lines.append("| " + " | ".join(cells) + f" | {r['n']} | {r['mean']:.1f} | {ci} |")

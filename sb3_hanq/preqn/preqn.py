@@ -27,7 +27,13 @@ from sb3_hanq.common.ntk import (
     ntk_row_ratio,
     preconditioned_direction,
 )
-from sb3_hanq.common.utils import NonFiniteLossError, SupportedActionSpacesMixin, check_choice, check_positive_lr
+from sb3_hanq.common.utils import (
+    NonFiniteLossError,
+    SupportedActionSpacesMixin,
+    check_choice,
+    check_gamma,
+    check_positive_lr,
+)
 from sb3_hanq.preqn.policies import CnnPolicy, MlpPolicy, MultiInputPolicy, PreQNPolicy
 
 SelfPreQN = TypeVar("SelfPreQN", bound="PreQN")
@@ -160,6 +166,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         _init_setup_model: bool = True,
     ) -> None:
         check_positive_lr("learning_rate", learning_rate)
+        check_gamma(gamma)
         if isinstance(critic_step_size, bool) or not (
             isinstance(critic_step_size, (int, float)) and critic_step_size > 0
         ):
