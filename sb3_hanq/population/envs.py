@@ -24,6 +24,7 @@ What differs from gymnasium:
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from numbers import Integral
@@ -37,7 +38,7 @@ from sb3_hanq.common.envs import PENDULUM_MAX_EPISODE_STEPS, PENDULUM_TORQUES
 BATCHED_ENV_IDS: tuple[str, ...] = ("DiscretePendulum-v1", "CartPole-v1", "Acrobot-v1")
 
 
-class BatchedEnv:
+class BatchedEnv(abc.ABC):
     """``n_envs`` copies of one environment stepped together (HANQ paper §11 "Environments").
 
     Subclasses mirror gymnasium's dynamics for one environment id. Call :meth:`reset` or :meth:`set_state`
@@ -140,11 +141,13 @@ class BatchedEnv:
     def _on_set_state(self) -> None:
         """Hook called after the state has been set (by :meth:`reset` or :meth:`set_state`)."""
 
+    @abc.abstractmethod
     def _observe(self, state: th.Tensor) -> th.Tensor:
-        raise NotImplementedError
+        """Observations (float32) of raw states."""
 
+    @abc.abstractmethod
     def _step(self, state: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        raise NotImplementedError
+        """(next state, reward, terminated) of raw states and actions."""
 
 
 def _angle_normalize(x: th.Tensor) -> th.Tensor:
