@@ -136,6 +136,41 @@ def test_rg_hypergradient_matches_finite_differences():
     assert opt.param_groups[0]["hypergradient"] == pytest.approx(fd, rel=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["rg", "sg"])
+def test_same_batch_hypergradient_matches_finite_differences(objective):
+    """hyper_batch="same" (Alg. 2 literally): after the step on B_i, d/dalpha of L~(theta_i - alpha u_i; B_i),
+    i.e. on the minibatch just used and at the weights it produced; not the next minibatch's."""
+    model = HANQ("MlpPolicy", ENV, hyper_lr=1e-3, learning_rate=1e-2, seed=3, hyper_batch="same",
+                 hyper_objective=objective)  # fmt: skip
+    batches = [_fixed_batch(model, seed=s) for s in range(5)]
+    _use_batch(model, batches[0])
+    calls = iter(batches)
+    model.replay_buffer.sample = lambda *args, **kwargs: next(calls)  # type: ignore[method-assign]
+    model.train(gradient_steps=3, batch_size=16)
+    opt = model.policy.optimizer
+    named = dict(model.q_net.named_parameters())
+    u_last = {k: opt.state[p]["prev_update"].double() for k, p in named.items()}
+    theta = {k: p.detach().double() for k, p in named.items()}
+
+    def loss_along(h, batch):  # L~(theta_{i+1} - h u_i; batch) in float64; sg keeps y at theta_{i+1}
+        weights = {k: theta[k] - h * u_last[k] for k in named}
+        q, scale, bias = (th.as_tensor(v) for v in _hand_q(weights, batch.observations))
+        y_weights = weights if objective == "rg" else theta
+        q_next = th.as_tensor(_hand_q(y_weights, batch.next_observations)[0])
+        y = batch.rewards.double() + 0.99 * (1 - batch.dones.double()) * q_next.max(1, keepdim=True).values
+        ac = batch.actions
+        pred = th.exp(scale.gather(1, ac)) * q.gather(1, ac) + bias.gather(1, ac)
+        return ((pred - y) ** 2).mean().item()
+
+    eps = 1e-6
+    fd = {k: (loss_along(eps, batches[k]) - loss_along(-eps, batches[k])) / (2 * eps) for k in (2, 3)}
+    model.train(gradient_steps=1, batch_size=16)  # step 4 samples batches[3]; alpha moves by B_3 = batches[2]
+    assert opt.param_groups[0]["hypergradient"] == pytest.approx(fd[2], rel=1e-4)
+    assert opt.param_groups[0]["hypergradient"] != pytest.approx(fd[3], rel=1e-2)
+    # the kept minibatch is transient state: not part of what save() writes
+    assert "_hyper_data" in model._excluded_save_params()
+
+
 def test_no_target_network_by_default_and_polyak_with_tau():
     model = HANQ("MlpPolicy", ENV, seed=0)
     assert model.q_net_target is None and model.policy.q_net_target is None
@@ -259,6 +294,8 @@ def test_bad_input():
         HANQ("MlpPolicy", ENV, hyper_lr=-0.1)
     with pytest.raises(ValueError, match="hyper_objective"):
         HANQ("MlpPolicy", ENV, hyper_objective="td")
+    with pytest.raises(ValueError, match=r"hyper_batch.*'next', 'same'"):
+        HANQ("MlpPolicy", ENV, hyper_batch="previous")
     with pytest.raises(ValueError, match="tau"):
         HANQ("MlpPolicy", ENV, tau=0.0)
 

@@ -98,6 +98,18 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
             "hanq",
             dict(hyper_objective=["rg", "sg"], params=dict(metapredictor_outputs="state")),
         ),
+        (
+            HANQ,
+            dict(hyper_lr=0.1, hyper_batch="same", policy_kwargs=dict(metapredictor_outputs="state")),
+            "hanq",
+            dict(hyper_objective=["rg", "sg"], params=dict(hyper_batch="same", metapredictor_outputs="state")),
+        ),
+        (
+            HANQ,
+            dict(hyper_lr=0.01, hyper_batch="same", hyper_objective="sg"),  # (0.1 takes alpha to 0.07: chaotic)
+            "hanq",
+            dict(hyper_lr=[0.01], hyper_objective=["sg", "rg"], params=dict(hyper_batch="same")),
+        ),
         (SSAQ, dict(), "ssaq", dict(learning_rate=[3e-3, 1e-2])),
         (SSAQ, dict(hyper_lr=1e-2), "hssaq", dict(hyper_lr=[1e-2, 0.0])),
         (
@@ -259,6 +271,7 @@ def test_grid_is_the_product_and_groups_by_shape():
         (dict(hyper_objective=["xx"]), ValueError, "hyper_objective"),
         (dict(params=dict(main_norm="batch")), TypeError, "main_norm"),
         (dict(params=dict(positive_scale="yes")), TypeError, "positive_scale"),
+        (dict(params=dict(hyper_batch="previous")), TypeError, "hyper_batch"),
         (dict(params=dict(width=3)), ValueError, "width"),
         (dict(params=dict(gamma=0.9)), ValueError, "own argument"),
         (dict(seeds=[0, 0]), ValueError, "seeds"),

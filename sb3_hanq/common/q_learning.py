@@ -73,6 +73,22 @@ def td_loss(prediction: th.Tensor, targets: th.Tensor, loss: str = "mse") -> th.
     raise ValueError(f"Invalid loss={loss!r}: expected one of {TD_LOSSES}")
 
 
+def hyperobjective_loss(prediction: th.Tensor, targets: th.Tensor, residual: bool | th.Tensor = True) -> th.Tensor:
+    """The learning rate's hyperobjective L~ on a minibatch: ``mean_B (Q_omega,theta(s, a) - y)^2`` with the
+    gradient through the targets ``y`` (the residual gradient L_RG, §12 Eq. 9) when ``residual``, else with
+    ``sg[y]`` (L_SG, Eq. 8, which equals :func:`td_loss`). ``residual`` may be a bool tensor broadcasting
+    against ``[M, batch, 1]`` (one choice per population member). A scalar, or one loss per member.
+
+    Used by the "same-batch" reading of Alg. 2 (``HANQ(hyper_batch="same")``): after the weight step on a
+    minibatch B, alpha moves by ``d/dalpha L~(theta_i - alpha u_i; B) = -grad L~(theta_{i+1}; B) . u_i``.
+    """
+    if isinstance(residual, th.Tensor):
+        targets = th.where(residual, targets, targets.detach())
+    elif not residual:
+        targets = targets.detach()
+    return ((prediction - targets) ** 2).mean(dim=(-2, -1))
+
+
 def rg_directional_correction(td_errors: th.Tensor, target_tangents: th.Tensor) -> th.Tensor:
     """The part of grad L_RG . u that flows through the bootstrap target (§12, Eq. 9), from tangents.
 

@@ -15,7 +15,9 @@ from stable_baselines3.dqn import DQN
 
 from sb3_hanq.common.optimizers import HyperAdam
 from sb3_hanq.common.q_learning import (
+    PredictorOutput,
     bootstrap_q_values,
+    hyperobjective_loss,
     predicted_q_values,
     q_learning_targets,
     rg_directional_correction_reverse,
@@ -33,6 +35,8 @@ from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy
 SelfHANQ = TypeVar("SelfHANQ", bound="HANQ")
 
 HYPER_OBJECTIVES = ("rg", "sg")
+#: Which minibatch and weights the learning rate's hypergradient is taken on (see ``HANQ``'s ``hyper_batch``).
+HYPER_BATCHES = ("next", "same")
 
 
 class HANQ(SupportedActionSpacesMixin, DQN):
@@ -81,6 +85,12 @@ class HANQ(SupportedActionSpacesMixin, DQN):
     :param hyper_lr: hyper-learning rate kappa (>= 0; 0 keeps alpha fixed, plain Adam)
     :param hyper_objective: ``"rg"`` (residual gradient, default, Alg. 2) or ``"sg"`` (semi-gradient), Table 7.
         With a target network (``tau < 1``) the target does not depend on theta and the two coincide.
+    :param hyper_batch: where the hypergradient dL~/dalpha is taken (the paper has two forms).
+        ``"next"`` (§12, Eqs. 7-9): before step i, on the new minibatch B_i at theta_i, along the previous
+        update u_{i-1} (Chandra et al.'s hypergradient descent; no extra pass). ``"same"`` (Alg. 2 read
+        literally: "take a gradient descent step", then "compute the residual hypergradient and update the
+        learning rate" of the same minibatch's loss): after step i, on B_i at theta_{i+1}, along u_i (one
+        extra forward and backward pass per step).
     :param stats_window_size: window for rollout logging
     :param tensorboard_log: TensorBoard log directory
     :param policy_kwargs: policy keyword arguments; ``optimizer_kwargs`` may set ``lr_parameterization``
@@ -123,6 +133,7 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         max_grad_norm: float | None = None,
         hyper_lr: float = 0.1,
         hyper_objective: str = "rg",
+        hyper_batch: str = "next",
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -136,12 +147,15 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         if not (isinstance(hyper_lr, (int, float)) and hyper_lr >= 0):
             raise ValueError(f"Invalid hyper_lr={hyper_lr!r}: must be a float >= 0 (0 disables hypergradients)")
         check_choice("hyper_objective", hyper_objective, HYPER_OBJECTIVES)
+        check_choice("hyper_batch", hyper_batch, HYPER_BATCHES)
         if not 0 < tau <= 1:
             raise ValueError(f"Invalid tau={tau!r}: must be in (0, 1] (1 = no target network)")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"Invalid max_grad_norm={max_grad_norm!r}: must be > 0 or None")
         self.hyper_lr = hyper_lr
         self.hyper_objective = hyper_objective
+        self.hyper_batch = hyper_batch
+        self._hyper_data: Any = None  # hyper_batch="same": the last minibatch (not saved)
         policy_kwargs = dict(policy_kwargs or {})
         policy_kwargs["target_network"] = tau < 1
         # The hypergradient lives in the optimiser; a user-supplied optimizer_class is kept as is.
@@ -196,6 +210,10 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             raise ValueError(f"{path!r} was saved by {saved}, not {cls.__name__}: load it with {saved}.load")
         return model
 
+    def _excluded_save_params(self) -> list[str]:
+        """The minibatch kept for ``hyper_batch="same"`` is transient: not saved with the model."""
+        return [*super()._excluded_save_params(), "_hyper_data"]
+
     def _setup_model(self) -> None:
         if self.policy_kwargs.get("target_network"):
             super()._setup_model()
@@ -217,25 +235,44 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         self.exploration_rate = self.exploration_schedule(self._current_progress_remaining)
         self.logger.record("rollout/exploration_rate", self.exploration_rate)
 
+    def _prediction_and_targets(
+        self, data: Any, target_net: HANQNetwork, target_graph: bool
+    ) -> tuple[PredictorOutput, th.Tensor]:
+        """Q_omega,theta(s, a) and the targets y of a minibatch (Alg. 2); y keeps its graph when ``target_graph``."""
+        discounts = data.discounts if data.discounts is not None else self.gamma
+        out = predicted_q_values(self.q_net, data.observations, data.actions.long())
+        with th.set_grad_enabled(target_graph):
+            next_q = bootstrap_q_values(target_net, data.next_observations, self.policy.symmetric)
+        return out, q_learning_targets(next_q, data.rewards, data.dones, discounts)
+
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
         self._update_learning_rate(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        use_rg = self.hyper_objective == "rg" and self.q_net_target is None and isinstance(optimizer, HyperAdam)
-        use_rg = use_rg and any(g.get("hyper_lr", 0) > 0 for g in optimizer.param_groups)
+        hyper_active = isinstance(optimizer, HyperAdam) and any(
+            g.get("hyper_lr", 0) > 0 for g in optimizer.param_groups
+        )
+        use_rg = hyper_active and self.hyper_objective == "rg" and self.q_net_target is None
+        same_batch = hyper_active and self.hyper_batch == "same"
         target_net = self.q_net if self.q_net_target is None else self.q_net_target
-        symmetric = self.policy.symmetric
         losses: list[th.Tensor] = []
         for _ in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            discounts = data.discounts if data.discounts is not None else self.gamma
-            out = predicted_q_values(self.q_net, data.observations, data.actions.long())
-            # RG hyperobjective (§12 Eq. 9): keep the s' graph only when a hyper-step will use it (u_{i-1} exists)
-            directions = optimizer.previous_updates() if use_rg else None  # type: ignore[attr-defined]
-            with th.set_grad_enabled(directions is not None):
-                next_q = bootstrap_q_values(target_net, data.next_observations, symmetric)
-            targets = q_learning_targets(next_q, data.rewards, data.dones, discounts)
+            directions = optimizer.previous_updates() if hyper_active else None  # type: ignore[attr-defined]
+            hyper_grads = None
+            if same_batch and directions is not None:
+                # Alg. 2 literally: d/dalpha of L~ on the previous step's minibatch at the weights it produced
+                # (after a load, whose file holds no minibatch, the current one stands in once)
+                hyper_data = self._hyper_data if self._hyper_data is not None else data
+                hyper_out, hyper_targets = self._prediction_and_targets(hyper_data, target_net, target_graph=use_rg)
+                hyper_loss = hyperobjective_loss(hyper_out.prediction, hyper_targets, residual=use_rg)
+                grads = th.autograd.grad(hyper_loss, params, allow_unused=True)
+                hyper_grads = [th.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            if same_batch or not use_rg:
+                directions = None
+            # RG of the next-batch form (§12 Eq. 9): keep the s' graph only when a hyper-step uses it
+            out, targets = self._prediction_and_targets(data, target_net, target_graph=directions is not None)
 
             loss = td_loss(out.prediction, targets)  # L_SG, the training loss (Alg. 2)
             optimizer.zero_grad()
@@ -247,10 +284,12 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             if self.max_grad_norm is not None:
                 th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             if isinstance(optimizer, HyperAdam):
-                optimizer.step(hyper_correction=correction)
+                optimizer.step(hyper_grads=hyper_grads, hyper_correction=correction)
             else:
                 optimizer.step()
             losses.append(loss.detach())
+            if same_batch:
+                self._hyper_data = data
         q_sa, multiplier, bias = out.q_values, out.multiplier, out.bias
 
         # Checked once per call (no device sync per step); the error names the first bad gradient step.

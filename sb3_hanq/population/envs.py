@@ -139,7 +139,8 @@ class BatchedEnv(abc.ABC):
         return draws
 
     def _on_set_state(self) -> None:
-        """Hook called after the state has been set (by :meth:`reset` or :meth:`set_state`)."""
+        """Hook called after the state has been set (by :meth:`reset` or :meth:`set_state`); nothing by default."""
+        return None
 
     @abc.abstractmethod
     def _observe(self, state: th.Tensor) -> th.Tensor:

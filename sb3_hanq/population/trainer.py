@@ -45,13 +45,15 @@ from sb3_hanq.common.optimizers import learning_rate as adapted_learning_rate
 from sb3_hanq.common.q_learning import (
     TD_LOSSES,
     ModuleFunction,
+    PredictorOutput,
     bootstrap_q_values,
+    hyperobjective_loss,
     predicted_q_values,
     q_learning_targets,
     td_loss,
 )
 from sb3_hanq.common.torch_layers import NORMS
-from sb3_hanq.hanq.hanq import HYPER_OBJECTIVES
+from sb3_hanq.hanq.hanq import HYPER_BATCHES, HYPER_OBJECTIVES
 from sb3_hanq.hanq.policies import METAPREDICTOR_OUTPUTS, PREDICTORS, HANQPolicy
 from sb3_hanq.population.envs import BATCHED_ENV_IDS, make_batched_env
 from sb3_hanq.ssaq.ssaq import SSAQ_POLICY_DEFAULTS
@@ -88,6 +90,7 @@ GROUP_PARAMS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "loss": ((str,), lambda v: v in TD_LOSSES, f"one of {TD_LOSSES}"),
     "max_grad_norm": ((float, int, type(None)), lambda v: v is None or v > 0, "a float > 0 or None"),
     "lr_parameterization": ((str,), lambda v: v in LR_PARAMETERIZATIONS, f"one of {LR_PARAMETERIZATIONS}"),
+    "hyper_batch": ((str,), lambda v: v in HYPER_BATCHES, f"one of {HYPER_BATCHES}"),
 }
 
 #: Datasets of the paper (§11): 1000 uniform-state transitions for Pendulum, 10k from standard resets otherwise.
@@ -133,7 +136,7 @@ def _param_defaults(algo: str) -> dict[str, Any]:
         net_arch=[128],
     )
     policy.update(ALGORITHMS[algo]["policy"])
-    return {**policy, "loss": "mse", "max_grad_norm": None, "lr_parameterization": "log"}
+    return {**policy, "loss": "mse", "max_grad_norm": None, "lr_parameterization": "log", "hyper_batch": "next"}
 
 
 def _as_grid(value: Any, name: str) -> list[Any]:
@@ -385,6 +388,8 @@ class _Group:
         self.loss = settings["loss"]
         self.max_grad_norm = settings["max_grad_norm"]
         self.lr_parameterization = settings["lr_parameterization"]
+        self.same_batch = settings["hyper_batch"] == "same"  # HANQ(hyper_batch="same"): Alg. 2's literal form
+        self.prev_batch: list[th.Tensor] | None = None  # that form's minibatch of the previous step
         self.target_network = members[0].tau < 1
         policy_kwargs = {k: settings[k] for k in ("predictor", "positive_scale", "predictor_bias", "main_norm")}
         policy_kwargs.update(meta_norm=settings["meta_norm"], net_arch=list(settings["net_arch"]))
@@ -426,7 +431,7 @@ class _Group:
         self._forward = ModuleFunction(self.twin, lambda net, obs: net(obs))
 
     # -- state --------------------------------------------------------------------------------------------
-    _TENSOR_LISTS = ("params", "target", "exp_avgs", "exp_avg_sqs", "prev_updates")
+    _TENSOR_LISTS = ("params", "target", "exp_avgs", "exp_avg_sqs", "prev_updates", "prev_batch")
     _TENSORS = ("log_lr_scale", "lr_offset", "hyper_exp_avg", "hyper_exp_avg_sq", "diverged_at")
 
     def state_dict(self) -> dict[str, Any]:
@@ -436,7 +441,7 @@ class _Group:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self._TENSOR_LISTS:
-            value = state[name]
+            value = state.get(name)  # (checkpoints written before prev_batch existed lack it)
             setattr(self, name, None if value is None else [t.to(self.device) for t in value])
         for name in self._TENSORS:
             setattr(self, name, state[name].to(self.device))
@@ -456,21 +461,27 @@ class _Group:
         """Stacked tensors as the twin's parameters; scalars of the network ([M]) broadcast as [M, 1, 1]."""
         return {"module." + n: (t.view(-1, 1, 1) if t.dim() == 1 else t) for n, t in zip(self.names, tensors)}
 
-    def train_step(self, batch: tuple[th.Tensor, ...], update_target: bool = True) -> None:
-        """One gradient step of every member on its own minibatch ``batch`` (tensors ``[M, B, ...]``), then
-        (``update_target``) the Polyak update of the target networks."""
+    def _prediction_and_targets(
+        self, params: list[th.Tensor], batch: Sequence[th.Tensor], target_graph: bool
+    ) -> tuple[PredictorOutput, th.Tensor]:
+        """Q_omega,theta(s, a) and y of every member's minibatch: the same functions as ``HANQ.train``, on all
+        members at once (the twin's layers are stacked). y keeps its graph when ``target_graph``."""
         obs, actions, next_obs, rewards, dones = batch
-        params = [p.requires_grad_(True) for p in self.params]
-        directions = self.prev_updates if self.any_rg else None
-        # The same functions as HANQ.train, on all members at once (the twin's layers are stacked).
         out = functional_call(self._predicted, self._named(params), (obs, actions))
         if self.target is not None:
             source = self.target
-        else:  # no target network: the targets use the online weights (Alg. 2); keep their graph only for RG
-            source = params if directions is not None else [p.detach() for p in params]
-        with th.set_grad_enabled(directions is not None):
+        else:  # no target network: the targets use the online weights (Alg. 2)
+            source = params if target_graph else [p.detach() for p in params]
+        with th.set_grad_enabled(target_graph):
             next_q = functional_call(self._bootstrap, self._named(source), (next_obs, self.symmetric))
-        targets = q_learning_targets(next_q, rewards, dones, self.gamma.view(-1, 1, 1))
+        return out, q_learning_targets(next_q, rewards, dones, self.gamma.view(-1, 1, 1))
+
+    def train_step(self, batch: tuple[th.Tensor, ...], update_target: bool = True) -> None:
+        """One gradient step of every member on its own minibatch ``batch`` (tensors ``[M, B, ...]``), then
+        (``update_target``) the Polyak update of the target networks."""
+        params = [p.requires_grad_(True) for p in self.params]
+        directions = self.prev_updates if self.any_rg and not self.same_batch else None
+        out, targets = self._prediction_and_targets(params, batch, target_graph=directions is not None)
         losses = td_loss(out.prediction, targets, self.loss)  # [M]
         predictions = out.prediction
         scales = (
@@ -496,7 +507,18 @@ class _Group:
         if self.prev_updates is not None:
             # Eq. (7): dL~(theta_i)/dalpha = -grad L~(theta_i) . u_{i-1}; L~ = L_SG, or L_RG (Eq. 9) whose extra
             # term is the gradient through the bootstrap target (rg_directional_correction_reverse, per member)
-            directional = per_member([g * u for g, u in zip(grads, self.prev_updates)])
+            if self.same_batch:
+                # Alg. 2 literally: L~ of the previous step's minibatch at the weights that step produced
+                hyper_batch = self.prev_batch if self.prev_batch is not None else batch
+                residual = self.use_rg.view(-1, 1, 1) & (self.target is None)
+                hyper_out, hyper_targets = self._prediction_and_targets(params, hyper_batch, target_graph=self.any_rg)
+                hyper_losses = hyperobjective_loss(hyper_out.prediction, hyper_targets, residual)
+                hyper_grads = th.autograd.grad(hyper_losses.sum(), params, allow_unused=True)
+                directional = per_member(
+                    [th.zeros_like(u) if g is None else g * u for g, u in zip(hyper_grads, self.prev_updates)]
+                )
+            else:
+                directional = per_member([g * u for g, u in zip(grads, self.prev_updates)])
             if directions is not None:
                 errors = (predictions - targets).detach()
                 weights = -2.0 * errors / errors[0].numel()
@@ -532,6 +554,8 @@ class _Group:
             step_sizes = th.where(ok, -lr, 0.0).float()
             th._foreach_addcmul_(self.params, updates, [step_sizes.view(v) for v in view])
             self.prev_updates = updates
+            if self.same_batch:
+                self.prev_batch = list(batch)
             if (
                 self.target is not None and update_target
             ):  # Polyak update with rate beta per member (SB3's polyak_update)

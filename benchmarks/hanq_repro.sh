@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue #14: HANQ readings at the paper's scale with the population trainer (DiscretePendulum-v1, 200k gradient
+# steps, evaluation every 2k steps on 10 episodes, lr 10^-2.5 unless stated). Resumable: every run writes
+# benchmarks/results/hanq_repro/<name>.json when done and checkpoints on the way; rerunning skips finished runs and
+# resumes a killed one.    nohup bash benchmarks/hanq_repro.sh > /tmp/hanq_repro.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=benchmarks/results/hanq_repro
+SEEDS=${SEEDS:-10}
+STEPS=${STEPS:-200000}
+mkdir -p "$OUT"
+run() {  # run <name> <population CLI arguments...>
+  local name=$1; shift
+  [ -f "$OUT/$name.json" ] && { echo "done: $name"; return; }
+  echo "start: $name $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
+  $PY -m sb3_hanq.population --env DiscretePendulum-v1 --seeds "$SEEDS" --gradient-steps "$STEPS" \
+    --eval-freq 2000 --eval-episodes 10 --threads 2 --no-progress-bar --out "$OUT/$name.json" "$@"
+  echo "end: $name $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+# 1. the per-state metapredictor reading (§11), with and without the hypergradient (next-minibatch RG, §12)
+run per_state_kappa --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0 0.1 -params metapredictor_outputs:state
