@@ -1,0 +1,148 @@
+"""Tables and curves of the HANQ reproduction runs (issue #14), beside the paper's numbers.
+
+    .venv/bin/python benchmarks/hanq_repro_report.py [results directory ...]
+
+Reads every population results file (``python -m sb3_hanq.population ... --out X.json``) in the directories given
+(default: ``benchmarks/results/hanq_repro`` and the 30-seed run in ``benchmarks/results/population``), and writes
+``summary.md`` (one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's number where the
+paper has that configuration, the final learning rate and omega_scale^+) and ``curves.png`` (score and learning
+rate against gradient steps, mean with a 95% bootstrap band, as Figs. 3 and 6) into the first directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sb3_hanq.population.run import summarize
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DIRS = [ROOT / "results" / "hanq_repro", ROOT / "results" / "population"]
+
+#: The paper's Pendulum scores (HANQ paper, 30 seeds x 200k steps, best learning rate): (mean, CI low, CI high, where)
+PAPER = {
+    ("hanq", 0.1, "rg"): (100.1, 98.0, 102.2, "Table 1"),
+    ("hanq", 0.1, "sg"): (98.7, 95.9, 101.2, "Table 7"),
+    ("hanq", 0.0, "rg"): (79.2, 73.5, 84.1, "Table 4"),
+    ("hanq", 0.0, "sg"): (79.2, 73.5, 84.1, "Table 4"),
+    ("dqn-layer", 1.0): (40.1, 27.0, 53.6, "Table 1, beta = 1"),
+    ("dqn-none", 1.0): (30.0, 22.1, 37.0, "Table 1, beta = 1"),
+    ("dqn-l2", 1.0): (31.9, 20.1, 43.0, "Table 1, beta = 1"),
+}
+
+
+def label(h: dict[str, Any], algo: str) -> str:
+    """A short name for a configuration."""
+    lr = f"lr {h['learning_rate']:.2g}"
+    if algo == "dqn":
+        norm = {"none": "DQN", "layer": "DQN-LN", "l2": "DQN-l2N"}[h["main_norm"]]
+        return f"{norm}, beta {h['tau']:g}, {lr}"
+    head = "per state" if h.get("metapredictor_outputs") == "state" else "per (s, a)"
+    if h["hyper_lr"] == 0:
+        return f"{algo.upper()} {head}, kappa 0, {lr}"
+    batch = h.get("hyper_batch", "next")
+    return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch, {lr}"
+
+
+def paper_number(h: dict[str, Any], algo: str) -> str:
+    key: tuple[Any, ...]
+    if algo == "dqn":
+        key = (f"dqn-{h['main_norm']}", h["tau"])
+    else:
+        key = (algo, h["hyper_lr"], h["hyper_objective"])
+    if key not in PAPER:
+        return "-"
+    mean, low, high, where = PAPER[key]
+    return f"{mean} [{low}, {high}] ({where})"
+
+
+def load_members(dirs: list[Path]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(file name, run config, member) for every member of every complete results file."""
+    out = []
+    for directory in dirs:
+        for path in sorted(directory.glob("*.json")):
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or "members" not in data:
+                continue
+            if data["config"]["env_id"] != "DiscretePendulum-v1" or data["config"]["gradient_steps"] < 200_000:
+                continue
+            for member in data["members"]:
+                out.append((path.name, data["config"], member))
+    return out
+
+
+def bootstrap_band(values: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap band of the mean over runs, per column."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(reps, len(values)))
+    means = values[idx].mean(axis=1)
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
+def main(argv: list[str]) -> None:
+    dirs = [Path(a) for a in argv] or DEFAULT_DIRS
+    members = load_members(dirs)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, config, member in members:
+        key = f"{name}|{label(member['hyperparameters'], member['algorithm'])}"
+        groups.setdefault(key, []).append(member)
+    lines = [
+        "# HANQ at the paper's scale (DiscretePendulum-v1, 200k gradient steps)",
+        "",
+        "Command: `bash benchmarks/hanq_repro.sh` (population trainer), then "
+        "`.venv/bin/python benchmarks/hanq_repro_report.py`. Every run: 1000 uniform-state transitions per seed "
+        "(§11), batch 128, evaluation every 2000 steps on 10 episodes, the score (Table 10) averaged over all "
+        "evaluations of a run (§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning "
+        "rate; rows here use the stated one. `frozen`: runs whose final learning rate is below 10^-6.",
+        "",
+        "| file | configuration | seeds | mean | IQM [95% CI] | paper [95% CI] | final lr (median) | frozen | "
+        "final omega_scale+ (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, group in groups.items():
+        name, text = key.split("|")
+        row = summarize(group, reps=2000)[0]
+        ci = f"{row['iqm']:.1f} [{row['ci'][0]:.1f}, {row['ci'][1]:.1f}]" if "iqm" in row else "-"
+        final_lr = np.array([m["final_learning_rate"] for m in group])
+        frozen = int((final_lr < 1e-6).sum())
+        scales = np.array([m["omega_scales"][-1] for m in group])
+        h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
+        lines.append(
+            f"| {name} | {text} | {row['n']} | {row['mean']:.1f} | {ci} | {paper_number(h, algo)} | "
+            f"{np.median(final_lr):.2g} | {frozen}/{len(group)} | {np.median(scales):.2f} |"
+        )
+    out_dir = dirs[0]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_score, ax_lr) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for key, group in groups.items():
+        steps = np.asarray(group[0]["eval_steps"])
+        scores = np.array([m["scores"] for m in group])
+        lrs = np.log10(np.maximum(np.array([m["learning_rates"] for m in group]), 1e-12))
+        text = key.split("|")[1] + f" ({len(group)} seeds)"
+        (line,) = ax_score.plot(steps, scores.mean(0), label=text)
+        low, high = bootstrap_band(scores)
+        ax_score.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        ax_lr.plot(steps, lrs.mean(0), color=line.get_color())
+        low, high = bootstrap_band(lrs)
+        ax_lr.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+    ax_score.set(xlabel="gradient steps", ylabel="score (Table 10)", title="DiscretePendulum-v1, offline")
+    ax_lr.set(xlabel="gradient steps", ylabel="log10 learning rate", title="learning rate (mean of log10)")
+    ax_score.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=110)
+    print(f"wrote {out_dir / 'summary.md'} and {out_dir / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
