@@ -20,3 +20,9 @@ run() {  # run <name> <population CLI arguments...>
 }
 # 1. the per-state metapredictor reading (§11), with and without the hypergradient (next-minibatch RG, §12)
 run per_state_kappa --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0 0.1 -params metapredictor_outputs:state
+# 2. Alg. 2's same-minibatch hypergradient (hyper_batch "same"), both metapredictor readings
+run per_state_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params metapredictor_outputs:state hyper_batch:same
+run state_action_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params hyper_batch:same
+# 3. baselines at the same scale: DQN-LN without a target network (Table 1, beta = 1) and DQN with beta = 10^-3
+run dqn_ln_beta1 --algo dqn --learning-rate 1e-3 3.1623e-3 --tau 1 -params main_norm:layer
+run dqn_beta1e-3 --algo dqn --learning-rate 1e-3 3.1623e-3 --tau 1e-3
