@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from sb3_hanq.common.extras import MissingExtraError, require_extra
 from sb3_hanq.crossq_wn import CrossQWN
 from sb3_hanq.hanq import HANQ
 from sb3_hanq.preqn import PreQN
@@ -239,6 +239,8 @@ def _gym_registry() -> Any:
 def load_config(config: str) -> dict[str, Any] | None:
     """The hyperparameter dict of a ``-conf`` value (.yml/.yaml, .py defining ``hyperparams``, or a module)."""
     if config.endswith((".yml", ".yaml")):
+        import yaml  # the `zoo` extra (checked by main)
+
         with open(config) as file:
             return yaml.safe_load(file)
     if config.endswith(".py"):
@@ -320,6 +322,22 @@ class EnjoyLoader:
         return self.algo_class.load(path, custom_objects=custom_objects, **kwargs)
 
 
+def zoo_modules(command: str, argv: Sequence[str]) -> list[str]:
+    """The modules a zoo command needs, all installed by the ``zoo`` extra (rl-zoo3 itself installs none of the
+    last three): ``enjoy`` imports ``requests``, ``-tb`` needs ``tensorboard``, the ``-optimize`` report ``pandas``.
+    """
+    if command not in ("train", "enjoy"):
+        raise ValueError(f"command must be 'train' or 'enjoy', got {command!r}")
+    modules = ["yaml", "rl_zoo3", "optuna"]
+    if command == "enjoy":
+        modules.append("requests")
+    if any(arg in ("-tb", "--tensorboard-log") or arg.startswith("--tensorboard-log=") for arg in argv):
+        modules.append("tensorboard")
+    if any(arg in ("-optimize", "--optimize-hyperparameters") for arg in argv):
+        modules.append("pandas")
+    return modules
+
+
 USAGE = """usage: sb3-hanq-zoo {{train,enjoy}} [rl-zoo3 arguments]
 
   train   rl-zoo3's train (python -m rl_zoo3.train) with the sb3_hanq algorithms registered
@@ -334,9 +352,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] not in ("train", "enjoy"):
         print(USAGE.format(algos=", ".join(ZOO_KEYS)), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    register_algos()
     command, rest = argv[0], argv[1:]
     prog = f"sb3-hanq-zoo {command}"
+    try:
+        require_extra("zoo", zoo_modules(command, rest), prog)
+    except MissingExtraError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    register_algos()
     if command == "enjoy":
         from rl_zoo3.utils import ALGOS
 
