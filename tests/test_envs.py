@@ -7,7 +7,7 @@ from gymnasium import spaces
 from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 import sb3_hanq  # noqa: F401  (registers DiscretePendulum-v1)
-from sb3_hanq.common.envs import DiscreteActionWrapper, register_envs
+from sb3_hanq.common.envs import DiscreteActionWrapper, DiscretePendulumEnv, register_envs
 
 TORQUES = (-2.0, 0.0, 2.0)
 
@@ -19,6 +19,36 @@ def test_registered_spec():
     assert env.action_space == spaces.Discrete(3)
     assert env.observation_space == gym.make("Pendulum-v1").observation_space
     assert isinstance(env.unwrapped, PendulumEnv)
+    # an environment of its own, not a wrapper: the checkers (which look at env.unwrapped) see Discrete(3)
+    assert isinstance(env.unwrapped, DiscretePendulumEnv)
+    assert env.unwrapped.action_space == spaces.Discrete(3)
+
+
+def test_passes_gymnasium_and_sb3_checkers_without_warnings(monkeypatch):
+    import importlib.util
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # "human" rendering without a display
+    has_pygame = importlib.util.find_spec("pygame") is not None  # Pendulum renders with pygame
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(gym.make("DiscretePendulum-v1").unwrapped, skip_render_check=not has_pygame)
+        sb3_check_env(gym.make("DiscretePendulum-v1").unwrapped)
+        sb3_check_env(gym.make("DiscretePendulum-v1"))
+    assert [str(w.message) for w in caught] == []
+
+
+def test_rejects_invalid_actions():
+    env = gym.make("DiscretePendulum-v1").unwrapped
+    env.reset(seed=0)
+    for bad in (3, -1, 1.5, np.array([0.0, 1.0])):
+        with pytest.raises(ValueError, match="action must be an integer in"):
+            env.step(bad)
+    env.step(np.array([2]))  # a vectorised env's single action
+    np.testing.assert_array_equal(env.torque(np.int64(0)), np.array([-2.0], dtype=np.float32))
 
 
 def test_register_envs_is_idempotent():
@@ -33,8 +63,7 @@ def test_action_matches_pendulum_torque(action):
     """Same start state, action i vs torque {-2, 0, 2}[i] in a separately made Pendulum-v1: identical step."""
     rng = np.random.default_rng(action)
     discrete, reference = gym.make("DiscretePendulum-v1"), gym.make("Pendulum-v1")
-    discrete.reset(seed=0)
-    reference.reset(seed=0)
+    np.testing.assert_array_equal(discrete.reset(seed=action)[0], reference.reset(seed=action)[0])  # same resets
     for _ in range(20):
         state = np.array([rng.uniform(-np.pi, np.pi), rng.uniform(-8.0, 8.0)])
         discrete.unwrapped.state = state.copy()

@@ -1,8 +1,9 @@
 """Environments used by the papers that gymnasium does not ship.
 
 ``DiscretePendulum-v1`` (HANQ paper §3.1 and §11 "Environments"): gymnasium's ``Pendulum-v1`` with the
-three actions ``{-2, 0, 2}`` (torques), after Xiao et al. (2022) and Snyder et al. (2023). It is the
-paper's main offline benchmark; see :func:`sb3_hanq.common.offline.collect_dataset` for its dataset.
+three actions ``{-2, 0, 2}`` (torques), as an environment of its own (:class:`DiscretePendulumEnv`), after
+Xiao et al. (2022) and Snyder et al. (2023). It is the paper's main offline
+benchmark; see :func:`sb3_hanq.common.offline.collect_dataset` for its dataset.
 """
 
 from __future__ import annotations
@@ -58,12 +59,39 @@ class DiscreteActionWrapper(gym.ActionWrapper):
         return self.actions[int(action)].copy()
 
 
-def make_discrete_pendulum(render_mode: str | None = None, g: float = 10.0) -> gym.Env:
-    """Entry point of ``DiscretePendulum-v1``: ``PendulumEnv`` with torques :data:`PENDULUM_TORQUES`.
+class DiscretePendulumEnv(PendulumEnv):
+    """``DiscretePendulum-v1``: gymnasium's ``PendulumEnv`` whose own action space is ``Discrete(3)``.
 
-    Same arguments as gymnasium's ``Pendulum-v1``; ``gym.make`` adds the ``TimeLimit`` (200 steps).
+    Action ``i`` applies the torque :data:`PENDULUM_TORQUES` ``[i]`` (HANQ paper §11: {-2, 0, 2}); dynamics,
+    rewards, observations, resets and rendering are ``PendulumEnv``'s, fed the same ``float32`` torque that
+    ``Pendulum-v1`` receives from a ``Box(-2, 2, (1,), float32)`` action. Being the environment itself rather
+    than a wrapper, ``env.unwrapped.action_space`` is ``Discrete(3)`` and gymnasium's and SB3's checkers see it.
+
+    :param render_mode: as ``Pendulum-v1`` (``"human"``, ``"rgb_array"`` or ``None``).
+    :param g: gravity, as ``Pendulum-v1`` (default 10.0).
     """
-    return DiscreteActionWrapper(PendulumEnv(render_mode=render_mode, g=g), PENDULUM_TORQUES)
+
+    def __init__(self, render_mode: str | None = None, g: float = 10.0) -> None:
+        super().__init__(render_mode=render_mode, g=g)
+        self._torques = np.array(PENDULUM_TORQUES, dtype=np.float32).reshape(-1, 1)
+        self.action_space = spaces.Discrete(len(PENDULUM_TORQUES))
+
+    def torque(self, action: Any) -> np.ndarray:
+        """The ``Box`` action (shape ``(1,)``, ``float32``) that discrete ``action`` plays."""
+        if isinstance(action, np.ndarray) and action.shape == (1,):  # a VecEnv's single action
+            action = action[0]
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be an integer in [0, {len(PENDULUM_TORQUES)}), got {action!r}")
+        return self._torques[int(action)].copy()
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:  # type: ignore[override]
+        """One ``PendulumEnv`` step with the torque of ``action``."""
+        return super().step(self.torque(action))
+
+
+def make_discrete_pendulum(render_mode: str | None = None, g: float = 10.0) -> gym.Env:
+    """``DiscretePendulumEnv(render_mode, g)``; kept for code that called the former entry point."""
+    return DiscretePendulumEnv(render_mode=render_mode, g=g)
 
 
 def register_envs() -> None:
@@ -71,6 +99,6 @@ def register_envs() -> None:
     if "DiscretePendulum-v1" not in gym.registry:
         gym.register(
             id="DiscretePendulum-v1",
-            entry_point="sb3_hanq.common.envs:make_discrete_pendulum",
+            entry_point="sb3_hanq.common.envs:DiscretePendulumEnv",
             max_episode_steps=PENDULUM_MAX_EPISODE_STEPS,
         )
