@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint type format bench-speed clean
+.PHONY: demo test test-min docs lint type format bench-speed clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[tests,bench,dev]"
+	$(PIP) install -e ".[tests,bench,dev,docs,minari]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 lint: $(STAMP)
 	$(PY) -m ruff check sb3_hanq tests examples benchmarks
@@ -38,4 +42,4 @@ bench-speed: $(STAMP)
 	$(PY) benchmarks/speed_hanq.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) docs/_build build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -432,6 +432,7 @@ class ScoreCallback(EvalCallback):
 
     :param eval_env: Evaluation environment (its own, never the training data).
     :param env_id: Key of :data:`RETURN_RANGES`; inferred from ``eval_env``'s spec when ``None``.
+
     The other parameters are those of SB3's ``EvalCallback``.
     """
 
