@@ -32,6 +32,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_hanq.common.envs import register_envs
+from sb3_hanq.common.extras import require_extra
 
 SelfOffPolicyAlgorithm = TypeVar("SelfOffPolicyAlgorithm", bound=OffPolicyAlgorithm)
 
@@ -158,6 +159,122 @@ class OfflineDataset:
         if metadata["n_samples"] != len(dataset):
             raise ValueError(f"metadata: n_samples={metadata['n_samples']!r} but the arrays hold {len(dataset)}")
         return dataset
+
+    def episode_ends(self) -> np.ndarray:
+        """Indices of the transitions that end an episode, in order (the last transition always does).
+
+        Transition ``i`` ends an episode when it terminates or when transition ``i + 1`` does not start from its
+        next observation (a reset, e.g. after a time-limit truncation, or data without episodes).
+        """
+        n = len(self)
+        flat_obs = self.observations.reshape(n, -1)
+        flat_next = self.next_observations.reshape(n, -1)
+        continues = (self.terminations[:-1] == 0.0) & (flat_next[:-1] == flat_obs[1:]).all(axis=1)
+        return np.flatnonzero(np.append(~continues, True))
+
+    def to_minari(
+        self,
+        dataset_id: str,
+        one_step_episodes: bool = False,
+        **create_kwargs: Any,
+    ) -> Any:
+        """Write the data as a local `Minari <https://minari.farama.org>`_ dataset (needs the ``minari`` extra).
+
+        Each episode of :meth:`episode_ends` becomes one Minari episode: its ``T`` transitions give ``T + 1``
+        observations, ``T`` actions, rewards, terminations and truncations; an episode that ends without a
+        termination is marked truncated (a time limit, or the end of the data). The dataset is created with
+        ``minari.create_dataset_from_buffers`` in Minari's local store (``MINARI_DATASETS_PATH``), with
+        ``env=self.env_id``.
+
+        Data without episodes, where no transition starts from the previous one's next observation (the
+        uniform-state Pendulum data of :func:`collect_dataset`: one fresh start state per transition), is refused
+        unless ``one_step_episodes=True``, which stores each transition as a one-step truncated episode.
+
+        :param dataset_id: Minari id, ``(namespace/)(env_name/)dataset_name-v<version>``.
+        :param one_step_episodes: Accept data without episodes as one-step episodes.
+        :param create_kwargs: Passed to ``minari.create_dataset_from_buffers`` (``algorithm_name``, ``author``,
+            ``description``, ...).
+        :return: The ``minari.MinariDataset`` written.
+        """
+        require_extra("minari", ["minari", "h5py"], "OfflineDataset.to_minari")
+        import minari
+        from minari.data_collector import EpisodeBuffer
+
+        if not isinstance(dataset_id, str) or not dataset_id:
+            raise ValueError(f"dataset_id: expected a non-empty str, got {dataset_id!r}")
+        for key in ("buffer", "env", "dataset_id"):
+            if key in create_kwargs:
+                raise TypeError(f"create_kwargs: {key!r} is set by to_minari itself")
+        ends = self.episode_ends()
+        lengths = np.diff(np.append(-1, ends))
+        if len(self) > 1 and (lengths == 1).all() and not self.terminations.all() and not one_step_episodes:
+            raise ValueError(
+                "this dataset has no episodes: no transition starts from the previous one's next observation (as in "
+                "collect_dataset's uniform-state Pendulum data, one fresh start state per transition), so Minari "
+                "episodes cannot be rebuilt; pass one_step_episodes=True to store each transition as a one-step "
+                "truncated episode"
+            )
+        buffers = []
+        start = 0
+        for episode, end in enumerate(ends):
+            rows = slice(start, end + 1)
+            terminated = self.terminations[rows].astype(bool)
+            truncated = np.zeros_like(terminated)
+            truncated[-1] = not terminated[-1]
+            observations = np.concatenate([self.observations[rows], self.next_observations[end : end + 1]])
+            buffers.append(
+                EpisodeBuffer(
+                    id=episode,
+                    observations=list(observations),
+                    actions=list(self.actions[rows]),
+                    rewards=[float(r) for r in self.rewards[rows]],
+                    terminations=terminated.tolist(),
+                    truncations=truncated.tolist(),
+                    infos={},
+                )
+            )
+            start = end + 1
+        register_envs()
+        create_kwargs.setdefault("description", f"sb3-hanq OfflineDataset: {len(self)} transitions of {self.env_id}")
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env=self.env_id, **create_kwargs)
+
+    @classmethod
+    def from_minari(cls, dataset: Any, env_id: str | None = None) -> OfflineDataset:
+        """The transitions of a ``minari.MinariDataset`` (e.g. ``minari.load_dataset(id)``), episode after episode.
+
+        An episode of ``T`` steps gives ``T`` transitions ``(o_t, a_t, r_t, o_{t+1}, terminated_t)``; truncations
+        keep ``terminations = 0`` so that the target still bootstraps from ``o_{t+1}``.
+
+        :param dataset: A ``MinariDataset`` with array (``Box``/``Discrete``/...) observations and actions.
+        :param env_id: Gymnasium id to record; by default the id of the dataset's environment spec.
+        """
+        require_extra("minari", ["minari", "h5py"], "OfflineDataset.from_minari")
+        from minari import MinariDataset
+
+        if not isinstance(dataset, MinariDataset):
+            raise TypeError(f"dataset: expected a minari.MinariDataset, got {type(dataset).__name__}")
+        if env_id is None:
+            env_spec = dataset.spec.env_spec
+            if env_spec is None:
+                raise ValueError(
+                    f"env_id: the Minari dataset {dataset.spec.dataset_id!r} records no environment; pass env_id="
+                )
+            env_id = env_spec.id
+        for name, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
+            if not isinstance(space, spaces.Box | spaces.Discrete | spaces.MultiDiscrete | spaces.MultiBinary):
+                raise ValueError(f"dataset: only array {name} spaces are supported, got {space}")
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAY_FIELDS}
+        for episode in dataset.iterate_episodes():
+            observations = np.asarray(episode.observations)
+            parts["observations"].append(observations[:-1])
+            parts["next_observations"].append(observations[1:])
+            parts["actions"].append(np.asarray(episode.actions))
+            parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+            parts["terminations"].append(np.asarray(episode.terminations, dtype=np.float32))
+        if not parts["observations"]:
+            raise ValueError(f"dataset: the Minari dataset {dataset.spec.dataset_id!r} has no episodes")
+        arrays = {name: np.concatenate(values) for name, values in parts.items()}
+        return cls(env_id=env_id, **arrays)
 
 
 def collect_dataset(
