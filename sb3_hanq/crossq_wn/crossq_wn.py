@@ -6,6 +6,7 @@ built on sb3-contrib's CrossQ (Bhatt et al., 2024).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -21,16 +22,24 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from sb3_hanq.common.utils import (
+    NonFiniteLossError,
     SupportedActionSpacesMixin,
+    check_bool,
     check_choice,
     check_gamma,
     check_non_negative,
+    check_positive_int,
     check_positive_lr,
+    divergence_hint,
+    load_with_completed_policy_kwargs,
 )
 from sb3_hanq.common.weight_norm import PROJECTION_MODES, dense_weight_norm
 from sb3_hanq.crossq_wn.policies import CrossQWNPolicy, MlpPolicy
 
 SelfCrossQWN = TypeVar("SelfCrossQWN", bound="CrossQWN")
+
+#: Policy keyword arguments that CrossQWN sets from its own arguments (``tau`` gives ``target_network``).
+POLICY_KWARGS_FROM_ARGUMENTS = ("weight_norm_mode", "actor_weight_norm", "weight_decay", "target_network")
 
 
 class CrossQWN(SupportedActionSpacesMixin, CrossQ):
@@ -163,19 +172,25 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         check_choice("weight_norm_mode", weight_norm_mode, PROJECTION_MODES)
         if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
             raise ValueError(f"Invalid tau={tau!r}: must be in (0, 1] (1 = no target network)")
+        check_bool("actor_weight_norm", actor_weight_norm)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("policy_delay", policy_delay, " (critic updates per actor update; the paper uses 3)")
         policy_kwargs = dict(policy_kwargs or {})
-        new_kwargs = dict(
-            weight_norm_mode=weight_norm_mode,
-            actor_weight_norm=actor_weight_norm,
-            weight_decay=weight_decay,
-            target_network=tau < 1,
-        )
-        for key in new_kwargs:
+        for key in POLICY_KWARGS_FROM_ARGUMENTS:
             if key in policy_kwargs:
                 raise ValueError(
                     f"Pass {key} as an argument of {type(self).__name__} (tau for target_network), not in policy_kwargs"
                 )
-        policy_kwargs.update(new_kwargs)
+        policy_kwargs = self._complete_policy_kwargs(
+            policy_kwargs,
+            dict(
+                weight_norm_mode=weight_norm_mode,
+                actor_weight_norm=actor_weight_norm,
+                weight_decay=weight_decay,
+                tau=tau,
+                use_sde=use_sde,
+            ),
+        )
         super().__init__(
             policy,
             env,
@@ -212,6 +227,53 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         if _init_setup_model:
             self._setup_model()
 
+    @classmethod
+    def _complete_policy_kwargs(cls, policy_kwargs: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+        """The ``policy_kwargs`` stored with the model: the user's plus ``POLICY_KWARGS_FROM_ARGUMENTS`` and
+        ``use_sde``, read from ``hyperparams`` (the constructor's arguments, or a saved file's data in :meth:`load`)."""
+        return {
+            **policy_kwargs,
+            "weight_norm_mode": hyperparams["weight_norm_mode"],
+            "actor_weight_norm": hyperparams["actor_weight_norm"],
+            "weight_decay": hyperparams["weight_decay"],
+            "target_network": hyperparams["tau"] < 1,
+            "use_sde": hyperparams["use_sde"],  # as SB3's off-policy algorithms with gSDE support add it
+        }
+
+    @classmethod
+    def load(cls, path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SB3's ``load``, accepting as ``policy_kwargs`` the dict given to the constructor (issue #15, item 3)."""
+        load_with_completed_policy_kwargs(cls, path, cls._complete_policy_kwargs, kwargs)
+        return super().load(path, *args, **kwargs)
+
+    def _check_finite(self, name: str, value: float, replay_data: Any) -> None:
+        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause, raised before the
+        update of that loss is applied: the model holds the parameters the previous step left (finite or not, as
+        the message says); batch-norm running statistics have seen this step's batch (the forward pass)."""
+        if math.isfinite(value):
+            return
+        params_finite = self._parameters_finite()
+        hint = divergence_hint(
+            rewards=replay_data.rewards,
+            observations=replay_data.observations,
+            next_observations=replay_data.next_observations,
+            gamma=self.gamma,
+            learning_rate_hint="the step size is the likely cause: try a lower learning_rate",
+        )
+        state = "finite" if params_finite else "already non-finite (from the previous step)"
+        raise NonFiniteLossError(
+            f"{type(self).__name__}: non-finite {name} {value} at gradient step {self._n_updates}; {hint}. "
+            f"This step's update was not applied; the parameters are {state}."
+        )
+
+    def _parameters_finite(self) -> bool:
+        """One device sync for all parameters (and the temperature) of the policy."""
+        tensors = [p.detach() for p in self.policy.parameters()]
+        if self.log_ent_coef is not None:
+            tensors.append(self.log_ent_coef.detach())
+        norms = th._foreach_norm(tensors)
+        return bool(th.isfinite(th.stack(norms)).all())
+
     def _create_aliases(self) -> None:
         super()._create_aliases()
         self.critic_target = self.policy.critic_target
@@ -228,83 +290,102 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         ent_coef_losses, ent_coefs = [], []
         actor_losses, critic_losses = [], []
 
-        for _ in range(gradient_steps):
-            self._n_updates += 1
-            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
-            n_samples = replay_data.rewards.shape[0]
-            if self.use_sde:
-                self.actor.reset_noise()
+        # A step whose update left non-finite parameters makes the next one fail inside torch.distributions
+        # (a ValueError on the actor's NaN mean): that is reported as the divergence it is (no cost when finite).
+        try:
+            for _ in range(gradient_steps):
+                self._n_updates += 1
+                replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+                n_samples = replay_data.rewards.shape[0]
+                if self.use_sde:
+                    self.actor.reset_noise()
 
-            if self.log_ent_coef is not None:
-                ent_coef = th.exp(self.log_ent_coef.detach())
-            else:
-                ent_coef = self.ent_coef_tensor
-            ent_coefs.append(ent_coef.item())
+                if self.log_ent_coef is not None:
+                    ent_coef = th.exp(self.log_ent_coef.detach())
+                else:
+                    ent_coef = self.ent_coef_tensor
+                ent_coefs.append(ent_coef.item())
 
-            # a' ~ pi(.|s'), with the actor's batch normalisation in evaluation mode (as CrossQ)
-            with th.no_grad():
-                self.actor.set_bn_training_mode(False)
-                next_actions, next_log_prob = self.actor.action_log_prob(replay_data.next_observations)
-
-            # CrossQ's joint forward pass: batch statistics over the mixture of (s, a) and (s', a').
-            all_obs = th.cat([replay_data.observations, replay_data.next_observations], dim=0)
-            all_actions = th.cat([replay_data.actions, next_actions], dim=0)
-            self.critic.set_bn_training_mode(True)
-            all_q_values = th.cat(self.critic(all_obs, all_actions), dim=1)
-            self.critic.set_bn_training_mode(False)
-            current_q_values, next_q_values = th.split(all_q_values, n_samples, dim=0)
-            if self.critic_target is not None:
-                # §4 "Target networks": the same joint pass through the target, also in training mode
-                # (it updates the target's own running statistics); its s' half gives Q'(s', a').
+                # a' ~ pi(.|s'), with the actor's batch normalisation in evaluation mode (as CrossQ)
                 with th.no_grad():
-                    self.critic_target.set_bn_training_mode(True)
-                    all_target_q_values = th.cat(self.critic_target(all_obs, all_actions), dim=1)
-                    self.critic_target.set_bn_training_mode(False)
-                next_q_values = th.split(all_target_q_values, n_samples, dim=0)[1]
+                    self.actor.set_bn_training_mode(False)
+                    next_actions, next_log_prob = self.actor.action_log_prob(replay_data.next_observations)
 
-            with th.no_grad():
-                # y = r + gamma (1 - d) (min_k Q_k(s', a') - alpha log pi(a'|s'))
-                next_q_values, _ = th.min(next_q_values.detach(), dim=1, keepdim=True)
-                next_q_values = next_q_values - ent_coef * next_log_prob.reshape(-1, 1)
-                target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
-
-            # (n_samples, n_critics) -> (n_critics, n_samples, 1)
-            critic_loss = 0.5 * sum(F.mse_loss(q, target_q_values) for q in current_q_values.T[..., None])
-            assert isinstance(critic_loss, th.Tensor)
-            critic_losses.append(critic_loss.item())
-            self.critic.optimizer.zero_grad()
-            critic_loss.backward()
-            self.critic.optimizer.step()
-            self.policy.project_critic_weights()  # §4: back onto the unit sphere after every step
-            if self.critic_target is not None:
-                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
-
-            # Delayed policy (and temperature) updates, as CrossQ
-            if self._n_updates % self.policy_delay == 0:
-                self.actor.set_bn_training_mode(True)
-                actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
-                log_prob = log_prob.reshape(-1, 1)
-                self.actor.set_bn_training_mode(False)
-
-                if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
-                    ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()  # type: ignore[operator]
-                    ent_coef_losses.append(ent_coef_loss.item())
-                    self.ent_coef_optimizer.zero_grad()
-                    ent_coef_loss.backward()
-                    self.ent_coef_optimizer.step()
-
-                # The actor maximises the online critic (batch normalisation in evaluation mode, as CrossQ).
+                # CrossQ's joint forward pass: batch statistics over the mixture of (s, a) and (s', a').
+                all_obs = th.cat([replay_data.observations, replay_data.next_observations], dim=0)
+                all_actions = th.cat([replay_data.actions, next_actions], dim=0)
+                self.critic.set_bn_training_mode(True)
+                all_q_values = th.cat(self.critic(all_obs, all_actions), dim=1)
                 self.critic.set_bn_training_mode(False)
-                q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)
-                min_qf_pi, _ = th.min(q_values_pi, dim=1, keepdim=True)
-                actor_loss = (ent_coef * log_prob - min_qf_pi).mean()
-                actor_losses.append(actor_loss.item())
-                self.actor.optimizer.zero_grad()
-                actor_loss.backward()
-                self.actor.optimizer.step()
-                self.policy.project_actor_weights()
+                current_q_values, next_q_values = th.split(all_q_values, n_samples, dim=0)
+                if self.critic_target is not None:
+                    # §4 "Target networks": the same joint pass through the target, also in training mode
+                    # (it updates the target's own running statistics); its s' half gives Q'(s', a').
+                    with th.no_grad():
+                        self.critic_target.set_bn_training_mode(True)
+                        all_target_q_values = th.cat(self.critic_target(all_obs, all_actions), dim=1)
+                        self.critic_target.set_bn_training_mode(False)
+                    next_q_values = th.split(all_target_q_values, n_samples, dim=0)[1]
 
+                with th.no_grad():
+                    # y = r + gamma (1 - d) (min_k Q_k(s', a') - alpha log pi(a'|s'))
+                    next_q_values, _ = th.min(next_q_values.detach(), dim=1, keepdim=True)
+                    next_q_values = next_q_values - ent_coef * next_log_prob.reshape(-1, 1)
+                    target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
+
+                # (n_samples, n_critics) -> (n_critics, n_samples, 1)
+                critic_loss = 0.5 * sum(F.mse_loss(q, target_q_values) for q in current_q_values.T[..., None])
+                assert isinstance(critic_loss, th.Tensor)
+                critic_losses.append(critic_loss.item())
+                self._check_finite("critic loss", critic_losses[-1], replay_data)
+                self.critic.optimizer.zero_grad()
+                critic_loss.backward()
+                self.critic.optimizer.step()
+                self.policy.project_critic_weights()  # §4: back onto the unit sphere after every step
+                if self.critic_target is not None:
+                    polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+
+                # Delayed policy (and temperature) updates, as CrossQ
+                if self._n_updates % self.policy_delay == 0:
+                    self.actor.set_bn_training_mode(True)
+                    actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
+                    log_prob = log_prob.reshape(-1, 1)
+                    self.actor.set_bn_training_mode(False)
+
+                    if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
+                        ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()  # type: ignore[operator]
+                        ent_coef_losses.append(ent_coef_loss.item())
+                        self._check_finite("temperature loss", ent_coef_losses[-1], replay_data)
+                        self.ent_coef_optimizer.zero_grad()
+                        ent_coef_loss.backward()
+                        self.ent_coef_optimizer.step()
+
+                    # The actor maximises the online critic (batch normalisation in evaluation mode, as CrossQ).
+                    self.critic.set_bn_training_mode(False)
+                    q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)
+                    min_qf_pi, _ = th.min(q_values_pi, dim=1, keepdim=True)
+                    actor_loss = (ent_coef * log_prob - min_qf_pi).mean()
+                    actor_losses.append(actor_loss.item())
+                    self._check_finite("actor loss", actor_losses[-1], replay_data)
+                    self.actor.optimizer.zero_grad()
+                    actor_loss.backward()
+                    self.actor.optimizer.step()
+                    self.policy.project_actor_weights()
+
+        except ValueError as error:
+            if self._parameters_finite():
+                raise
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: non-finite parameters at gradient step {self._n_updates}, left by the "
+                "previous step's update (finite losses); the step size is the likely cause: try a lower learning_rate. "
+                "The model holds those parameters."
+            ) from error
+        if not self._parameters_finite():  # the last step's update (its loss was finite)
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: non-finite parameters after gradient step {self._n_updates} (finite losses); "
+                "the step size is the likely cause: try a lower learning_rate. The model holds those parameters."
+            )
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/ent_coef", np.mean(ent_coefs))
         if len(actor_losses) > 0:

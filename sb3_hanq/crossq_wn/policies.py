@@ -12,7 +12,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, Flatten
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from sb3_hanq.common.utils import check_choice, check_non_negative
+from sb3_hanq.common.utils import check_bool, check_choice, check_net_arch, check_non_negative
 from sb3_hanq.common.weight_norm import (
     PROJECTION_MODES,
     find_projected_layers,
@@ -98,6 +98,8 @@ class CrossQWNPolicy(CrossQPolicy):
     ) -> None:
         check_choice("weight_norm_mode", weight_norm_mode, PROJECTION_MODES)
         check_non_negative("weight_decay", weight_decay, " (the paper uses 1e-2; 0 makes AdamW plain Adam)")
+        check_bool("actor_weight_norm", actor_weight_norm)
+        check_net_arch(net_arch)
         if optimizer_kwargs is None:
             optimizer_kwargs = {"betas": (0.9, 0.999)}  # Appendix C; CrossQ's own default is (0.5, 0.999)
         elif "weight_decay" in optimizer_kwargs:

@@ -26,9 +26,13 @@ from sb3_hanq.common.q_learning import (
 from sb3_hanq.common.utils import (
     NonFiniteLossError,
     SupportedActionSpacesMixin,
+    cached_snapshot,
     check_choice,
     check_gamma,
+    check_positive_int,
     check_positive_lr,
+    divergence_hint,
+    load_with_completed_policy_kwargs,
 )
 from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy, MultiInputPolicy
 
@@ -152,22 +156,18 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             raise ValueError(f"Invalid tau={tau!r}: must be in (0, 1] (1 = no target network)")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"Invalid max_grad_norm={max_grad_norm!r}: must be > 0 or None")
+        check_positive_int("batch_size", batch_size)
         self.hyper_lr = hyper_lr
         self.hyper_objective = hyper_objective
         self.hyper_batch = hyper_batch
         self._hyper_data: Any = None  # hyper_batch="same": the last minibatch (not saved)
         policy_kwargs = dict(policy_kwargs or {})
-        policy_kwargs["target_network"] = tau < 1
-        # The hypergradient lives in the optimiser; a user-supplied optimizer_class is kept as is.
-        if policy_kwargs.get("optimizer_class", HyperAdam) is HyperAdam:
-            optimizer_kwargs = dict(policy_kwargs.get("optimizer_kwargs") or {})
-            optimizer_kwargs.setdefault("hyper_lr", hyper_lr)
-            policy_kwargs["optimizer_kwargs"] = optimizer_kwargs
-        elif hyper_lr > 0:
+        if policy_kwargs.get("optimizer_class", HyperAdam) is not HyperAdam and hyper_lr > 0:
             raise ValueError(
                 f"hyper_lr={hyper_lr} needs optimizer_class=HyperAdam, got {policy_kwargs['optimizer_class']!r}; "
                 "set hyper_lr=0 to use another optimiser"
             )
+        policy_kwargs = self._complete_policy_kwargs(policy_kwargs, dict(tau=tau, hyper_lr=hyper_lr))
         super().__init__(
             policy,
             env,
@@ -201,9 +201,25 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             self._setup_model()
 
     @classmethod
+    def _complete_policy_kwargs(cls, policy_kwargs: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+        """The ``policy_kwargs`` stored with the model: the user's, plus ``target_network`` (from ``tau``) and,
+        with HyperAdam, ``optimizer_kwargs["hyper_lr"]`` (from ``hyper_lr``). ``hyperparams`` holds ``tau`` and
+        ``hyper_lr`` (the constructor's arguments, or a saved file's data in :meth:`load`)."""
+        policy_kwargs = dict(policy_kwargs)
+        policy_kwargs["target_network"] = hyperparams["tau"] < 1
+        # The hypergradient lives in the optimiser; a user-supplied optimizer_class is kept as is.
+        if policy_kwargs.get("optimizer_class", HyperAdam) is HyperAdam:
+            optimizer_kwargs = dict(policy_kwargs.get("optimizer_kwargs") or {})
+            optimizer_kwargs.setdefault("hyper_lr", hyperparams["hyper_lr"])
+            policy_kwargs["optimizer_kwargs"] = optimizer_kwargs
+        return policy_kwargs
+
+    @classmethod
     def load(cls, path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """SB3's ``load``, refusing a file saved by another algorithm class (e.g. ``SSAQ.load`` of a HANQ file,
-        which would otherwise come back as an "SSAQ" with HANQ's metapredictor and kappa)."""
+        which would otherwise come back as an "SSAQ" with HANQ's metapredictor and kappa), and accepting as
+        ``policy_kwargs`` the dict given to the constructor (see ``load_with_completed_policy_kwargs``)."""
+        load_with_completed_policy_kwargs(cls, path, cls._complete_policy_kwargs, kwargs)
         model = super().load(path, *args, **kwargs)
         saved = model.__dict__.get("_algorithm", cls.__name__)  # files saved before 0.1.0 carry no name
         if saved != cls.__name__:
@@ -212,7 +228,7 @@ class HANQ(SupportedActionSpacesMixin, DQN):
 
     def _excluded_save_params(self) -> list[str]:
         """The minibatch kept for ``hyper_batch="same"`` is transient: not saved with the model."""
-        return [*super()._excluded_save_params(), "_hyper_data"]
+        return [*super()._excluded_save_params(), "_hyper_data", "_training_snapshot"]
 
     def _setup_model(self) -> None:
         if self.policy_kwargs.get("target_network"):
@@ -246,8 +262,15 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         return out, q_learning_targets(next_q, data.rewards, data.dones, discounts)
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
+        """Alg. 2 for ``gradient_steps`` minibatches. The losses are checked once, after the last step (no device
+        sync per step); if one is not finite, the policy (networks and optimiser state, including the adapted
+        learning rate) is restored to its state at the start of this call, so a :class:`NonFiniteLossError` leaves
+        the model as it was before the call's first step (with ``gradient_steps=1``: before the failing step)."""
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
+        snapshot = cached_snapshot(self, [self.policy], [optimizer])
+        snapshot.take()
+        hyper_data_before = self._hyper_data
         self._update_learning_rate(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         hyper_active = isinstance(optimizer, HyperAdam) and any(
@@ -257,6 +280,7 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         same_batch = hyper_active and self.hyper_batch == "same"
         target_net = self.q_net if self.q_net_target is None else self.q_net_target
         losses: list[th.Tensor] = []
+        batches: list[Any] = []  # kept (references only) to name the likely cause of a non-finite loss
         for _ in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             directions = optimizer.previous_updates() if hyper_active else None  # type: ignore[attr-defined]
@@ -288,6 +312,7 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             else:
                 optimizer.step()
             losses.append(loss.detach())
+            batches.append(data)
             if same_batch:
                 self._hyper_data = data
         q_sa, multiplier, bias = out.q_values, out.multiplier, out.bias
@@ -297,10 +322,21 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         finite = th.isfinite(loss_values)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
+            lr = optimizer.param_groups[0]["lr"]
+            snapshot.restore()
+            self._hyper_data = hyper_data_before
+            data = batches[bad]
+            hint = divergence_hint(
+                rewards=data.rewards,
+                observations=data.observations,
+                next_observations=data.next_observations,
+                gamma=self.gamma,
+                learning_rate_hint="the step size is the likely cause: try a lower learning_rate or hyper_lr",
+            )
             raise NonFiniteLossError(
                 f"{type(self).__name__}: non-finite loss {loss_values[bad].item()} at gradient step "
-                f"{self._n_updates + bad + 1} (learning rate {optimizer.param_groups[0]['lr']:.3g}); "
-                "try a lower learning_rate or hyper_lr"
+                f"{self._n_updates + bad + 1} (learning rate {lr:.3g}); {hint}. The model was restored to its "
+                f"state before gradient step {self._n_updates + 1} (the start of this train() call)."
             )
         # omega and Q of the last gradient step; the loss averaged over this call's steps (as SB3's DQN)
         with th.no_grad():

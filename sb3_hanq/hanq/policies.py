@@ -33,7 +33,7 @@ from torch import nn
 
 from sb3_hanq.common.optimizers import HyperAdam
 from sb3_hanq.common.torch_layers import NORMS, make_norm
-from sb3_hanq.common.utils import check_choice
+from sb3_hanq.common.utils import check_choice, check_net_arch
 
 PREDICTORS = ("meta", "scalar", "none")
 
@@ -220,6 +220,7 @@ class HANQPolicy(DQNPolicy):
         check_choice("main_norm", main_norm, NORMS)
         check_choice("meta_norm", meta_norm, NORMS)
         check_choice("metapredictor_outputs", metapredictor_outputs, METAPREDICTOR_OUTPUTS)
+        check_net_arch(net_arch)
         for name, flag in (("positive_scale", positive_scale), ("predictor_bias", predictor_bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")

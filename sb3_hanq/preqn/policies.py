@@ -19,7 +19,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
-from sb3_hanq.common.utils import check_choice
+from sb3_hanq.common.utils import check_choice, check_net_arch
 
 
 class Sin(nn.Module):
@@ -83,6 +83,7 @@ class PreQNPolicy(TD3Policy):
         share_features_extractor: bool = False,
     ) -> None:
         check_choice("critic_activation", critic_activation, CRITIC_ACTIVATIONS)
+        check_net_arch(net_arch)
         if n_critics != 1:
             raise ValueError(f"Invalid n_critics={n_critics!r}: PreQN uses a single Q-function (§5.2)")
         self.critic_activation = critic_activation  # read by _build, which the parent's __init__ calls
@@ -112,6 +113,14 @@ class PreQNPolicy(TD3Policy):
         )
         features_extractor = self.actor.features_extractor if self.share_features_extractor else None
         self.critic = self.make_critic(features_extractor=features_extractor)
+        stateful = [name for name, _ in self.critic.named_buffers() if "running_" in name]
+        if stateful:
+            raise ValueError(
+                f"PreQN's critic cannot hold layers with running statistics such as batch normalisation (found "
+                f"{stateful[0]!r}, from features_extractor_class={self.features_extractor_class.__name__}): the NTK "
+                "preconditioning evaluates the critic with torch.func, which forbids layers updating their buffers "
+                "in place. Use a features_extractor_class without batch normalisation"
+            )
         self.actor_target = None
         self.critic_target = None
 

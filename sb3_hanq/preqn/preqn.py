@@ -32,7 +32,9 @@ from sb3_hanq.common.utils import (
     SupportedActionSpacesMixin,
     check_choice,
     check_gamma,
+    check_positive_int,
     check_positive_lr,
+    divergence_hint,
 )
 from sb3_hanq.preqn.policies import CnnPolicy, MlpPolicy, MultiInputPolicy, PreQNPolicy
 
@@ -180,6 +182,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         if lstsq_rtol is not None and not (isinstance(lstsq_rtol, (int, float)) and 0 <= lstsq_rtol < 1):
             raise ValueError(f"Invalid lstsq_rtol={lstsq_rtol!r}: must be None or in [0, 1)")
         check_choice("lstsq_method", lstsq_method, LSTSQ_METHODS)
+        check_positive_int("batch_size", batch_size)
         if isinstance(action_noise, str) and action_noise != DEFAULT_ACTION_NOISE:
             raise ValueError(
                 f"Invalid action_noise={action_noise!r}: expected an ActionNoise, None or {DEFAULT_ACTION_NOISE!r}"
@@ -225,9 +228,10 @@ class PreQN(SupportedActionSpacesMixin, TD3):
             self._setup_model()
 
     def _setup_model(self) -> None:
-        if self._default_action_noise:
-            action_dim = int(np.prod(self.action_space.shape))  # type: ignore[arg-type]
-            self.action_noise = NormalActionNoise(mean=np.zeros(action_dim), sigma=0.1 * np.ones(action_dim))
+        if self._default_action_noise:  # one noise value per action entry, shaped like the actions (as TD3's)
+            shape = self.action_space.shape
+            assert shape is not None
+            self.action_noise = NormalActionNoise(mean=np.zeros(shape), sigma=0.1 * np.ones(shape))
             self._default_action_noise = False
         # TD3's set-up minus everything about target networks.
         OffPolicyAlgorithm._setup_model(self)
@@ -266,12 +270,11 @@ class PreQN(SupportedActionSpacesMixin, TD3):
             ntk = q_function.ntk_and_q(obs, actions)
             kernel, q_before = ntk.kernel, ntk.output.detach()
             delta = targets - q_before
-            if not bool(th.isfinite(delta).all() and th.isfinite(kernel).all()):
-                raise NonFiniteLossError(
-                    f"{type(self).__name__}: non-finite TD errors or NTK at gradient step {self._n_updates} "
-                    f"(critic_step_size={self.critic_step_size}); the critic has diverged, try a smaller "
-                    "critic_step_size or another critic_activation"
-                )
+            critic_loss = (delta**2).mean()
+            if not bool(th.isfinite(critic_loss)):
+                self._raise_non_finite("critic loss (mean squared TD error)", critic_loss, data)
+            if not bool(th.isfinite(kernel).all()):
+                self._raise_non_finite("NTK entry", kernel[~th.isfinite(kernel)][0], data)
             # Lines 11-12: Z = K^+ Delta and the direction sum_i Z_i grad Q_i (from the kernel's backward pass).
             direction, _ = preconditioned_direction(ntk, params, delta, self.lstsq_rtol, self.lstsq_method)
             del ntk
@@ -288,6 +291,8 @@ class PreQN(SupportedActionSpacesMixin, TD3):
 
             # Line 14: one Adam step of the actor on -Q(s, mu(s)), with the updated critic.
             actor_loss = -self.critic.q1_forward(obs, self.actor(obs)).mean()
+            if not bool(th.isfinite(actor_loss)):
+                self._raise_non_finite("actor loss", actor_loss, data)
             self.actor.optimizer.zero_grad()
             actor_loss.backward(inputs=actor_params)  # the critic's own gradients are not needed
             self.actor.optimizer.step()
@@ -298,13 +303,18 @@ class PreQN(SupportedActionSpacesMixin, TD3):
                         [
                             ntk_row_ratio(kernel).mean(),
                             ntk_diagonal(kernel).mean(),
-                            (delta**2).mean(),
+                            critic_loss,
                             actor_loss.detach(),
                         ]
                     )
                 )
 
-        row_ratio, diagonal, critic_loss, actor_loss_mean = th.stack(step_stats).mean(dim=0).tolist()
+        if not self._parameters_finite():  # the last step's update (its losses were finite)
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: non-finite parameters after gradient step {self._n_updates} (finite losses); "
+                "the actor's learning_rate is the likely cause: try a lower one. The model holds those parameters."
+            )
+        row_ratio, diagonal, critic_loss_mean, actor_loss_mean = th.stack(step_stats).mean(dim=0).tolist()
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         if alignments:
             self.logger.record("train/critic_alignment", float(np.mean(alignments)))
@@ -312,8 +322,32 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         self.logger.record("train/rejected_steps", self.rejected_steps)
         self.logger.record("train/ntk_row_ratio", row_ratio)
         self.logger.record("train/ntk_diag", diagonal)
-        self.logger.record("train/critic_loss", critic_loss)
+        self.logger.record("train/critic_loss", critic_loss_mean)
         self.logger.record("train/actor_loss", actor_loss_mean)
+
+    def _raise_non_finite(self, name: str, value: th.Tensor, data: Any) -> None:
+        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause, raised before the
+        step of that loss is applied: the model holds the parameters the previous step left (finite or not, as
+        the message says)."""
+        state = "finite" if self._parameters_finite() else "already non-finite (from the previous step)"
+        hint = divergence_hint(
+            rewards=data.rewards,
+            observations=data.observations,
+            next_observations=data.next_observations,
+            gamma=self.gamma,
+            learning_rate_hint="the step sizes are the likely cause: try a smaller critic_step_size or learning_rate "
+            "(actor), or another critic_activation",
+        )
+        raise NonFiniteLossError(
+            f"{type(self).__name__}: non-finite {name} {float(value)} at gradient step {self._n_updates} "
+            f"(critic_step_size={self.critic_step_size}); {hint}. This step was not applied; the parameters are "
+            f"{state}."
+        )
+
+    def _parameters_finite(self) -> bool:
+        """One device sync for all parameters of actor and critic."""
+        norms = th._foreach_norm([p.detach() for p in self.policy.parameters()])
+        return bool(th.isfinite(th.stack(norms)).all())
 
     def _line_search(
         self,

@@ -23,5 +23,9 @@ class SSAQ(HANQ):
 
     def __init__(self, policy: Any, env: Any, **kwargs: Any) -> None:
         kwargs.setdefault("hyper_lr", 0.0)
-        kwargs["policy_kwargs"] = {**SSAQ_POLICY_DEFAULTS, **(kwargs.get("policy_kwargs") or {})}
         super().__init__(policy, env, **kwargs)
+
+    @classmethod
+    def _complete_policy_kwargs(cls, policy_kwargs: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+        """HANQ's completion of ``policy_kwargs`` after filling in ``SSAQ_POLICY_DEFAULTS``."""
+        return super()._complete_policy_kwargs({**SSAQ_POLICY_DEFAULTS, **policy_kwargs}, hyperparams)

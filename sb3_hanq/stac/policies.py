@@ -37,6 +37,8 @@ from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.func import functional_call
 
+from sb3_hanq.common.utils import check_net_arch
+
 # Squash correction epsilon, as SB3's SquashedDiagGaussianDistribution.
 _SQUASH_EPS = 1e-6
 
@@ -130,6 +132,8 @@ class STACPolicy(BasePolicy):
             raise ValueError(f"STAC needs a bounded 1-D Box action space (squashed Gaussian), got {action_space}")
         if not (isinstance(n_heads, int) and n_heads >= 1):
             raise ValueError(f"Invalid n_heads={n_heads!r}: must be an int >= 1")
+        check_net_arch(net_arch)
+        check_net_arch(head_arch, "head_arch")
         if not log_std_bounds[0] < log_std_bounds[1]:
             raise ValueError(f"Invalid log_std_bounds={log_std_bounds!r}: need s_min < s_max")
         super().__init__(

@@ -6,6 +6,7 @@ Paper: "A Self-Tuning Actor-Critic Algorithm", Zahavy et al. (NeurIPS 2020), §2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -24,7 +25,10 @@ from sb3_hanq.common.utils import (
     NonFiniteLossError,
     SupportedActionSpacesMixin,
     check_non_negative,
+    check_positive_int,
     check_positive_lr,
+    divergence_hint,
+    load_with_completed_policy_kwargs,
 )
 from sb3_hanq.common.vtrace import leaky_vtrace
 from sb3_hanq.stac.policies import CnnPolicy, MlpPolicy, MultiInputPolicy, STACPolicy
@@ -237,16 +241,17 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
                 f"Invalid clip thresholds rho_bar={clip_rho_threshold!r}, c_bar={clip_c_threshold!r}: "
                 "leaky V-trace needs rho_bar >= c_bar > 0 (Theorem 1)"
             )
+        check_positive_int("n_steps", n_steps, " (rollout length per environment)")
+        if isinstance(eta_init, bool) or not (isinstance(eta_init, (int, float)) and math.isfinite(eta_init)):
+            raise ValueError(f"Invalid eta_init={eta_init!r}: must be a finite float (the paper's 4.6 gives 0.99)")
         policy_kwargs = dict(policy_kwargs or {})
-        if policy_kwargs.setdefault("n_heads", n_heads) != n_heads:
+        if policy_kwargs.get("n_heads", n_heads) != n_heads:
             raise ValueError(f"policy_kwargs n_heads={policy_kwargs['n_heads']} differs from n_heads={n_heads}")
-        optimizer_kwargs = dict(policy_kwargs.get("optimizer_kwargs") or {})
-        optimizer_kwargs.setdefault("alpha", 0.99)  # Table 3: RMSProp decay
-        optimizer_kwargs.setdefault("eps", rms_prop_eps)
+        policy_kwargs = self._complete_policy_kwargs(policy_kwargs, dict(n_heads=n_heads, rms_prop_eps=rms_prop_eps))
+        optimizer_kwargs = policy_kwargs["optimizer_kwargs"]
         for name, off in (("momentum", 0), ("centered", False), ("weight_decay", 0)):
             if optimizer_kwargs.get(name, off) != off:
                 raise ValueError(f"STAC's differentiable RMSProp step supports no {name}, got {optimizer_kwargs}")
-        policy_kwargs["optimizer_kwargs"] = optimizer_kwargs
 
         self.n_heads = n_heads
         self.self_tune = self_tune
@@ -284,6 +289,25 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         )
         if _init_setup_model:
             self._setup_model()
+
+    @classmethod
+    def _complete_policy_kwargs(cls, policy_kwargs: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+        """The ``policy_kwargs`` stored with the model: the user's plus ``n_heads`` and RMSProp's ``alpha`` (Table 3:
+        decay 0.99) and ``eps`` (``rms_prop_eps``) in ``optimizer_kwargs``, unless given. ``hyperparams`` holds
+        ``n_heads`` and ``rms_prop_eps`` (the constructor's arguments, or a saved file's data in :meth:`load`)."""
+        policy_kwargs = dict(policy_kwargs)
+        policy_kwargs.setdefault("n_heads", hyperparams["n_heads"])
+        optimizer_kwargs = dict(policy_kwargs.get("optimizer_kwargs") or {})
+        optimizer_kwargs.setdefault("alpha", 0.99)  # Table 3: RMSProp decay
+        optimizer_kwargs.setdefault("eps", hyperparams["rms_prop_eps"])
+        policy_kwargs["optimizer_kwargs"] = optimizer_kwargs
+        return policy_kwargs
+
+    @classmethod
+    def load(cls, path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SB3's ``load``, accepting as ``policy_kwargs`` the dict given to the constructor (issue #15, item 3)."""
+        load_with_completed_policy_kwargs(cls, path, cls._complete_policy_kwargs, kwargs)
+        return super().load(path, *args, **kwargs)
 
     def _setup_model(self) -> None:
         self.self_tune = tuple(self.self_tune)  # saved as a JSON list
@@ -517,6 +541,20 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         kl = self.policy.kl(out.policy_out[0], old_outputs.policy_out[0].detach())
         return losses[0] + self.kl_coef * kl.sum(), kl.detach().mean()
 
+    def _divergence_hint(self, batch: RolloutBatch, values: th.Tensor) -> str:
+        """The likely cause of non-finite ``values`` = (inner loss[, outer loss, metagradient sum]) (item 12)."""
+        finite = th.isfinite(values).tolist()
+        hint = divergence_hint(rewards=batch.rewards, observations=batch.observations)
+        if hint.startswith("the minibatch holds"):
+            return hint.replace("minibatch", "rollout")
+        if not bool(th.isfinite(self.eta).all()) or (finite[0] and not all(finite)):
+            return (
+                f"the metaparameters are the likely cause (eta_init={self.eta_init}, meta/gamma = "
+                f"{self.metaparameters['gamma'][0]:.6g}): try a lower meta_learning_rate or eta_init, or a smaller "
+                "set of self_tune names"
+            )
+        return "the inner step size is the likely cause: try a lower learning_rate (or set max_grad_norm)"
+
     def train(self) -> None:
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
@@ -535,7 +573,8 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
             if not bool(th.isfinite(values).all()):
                 raise NonFiniteLossError(
                     f"{type(self).__name__}: non-finite (inner loss, outer loss, metagradient sum) = "
-                    f"{values.tolist()} at update {self._n_updates + epoch + 1}; try a lower learning_rate"
+                    f"{values.tolist()} at update {self._n_updates + epoch + 1}; {self._divergence_hint(batch, values)}"
+                    ". This update was not applied."
                 )
             if tuned:
                 self.eta.grad = meta_grad  # the whole gradient: no zero_grad needed
