@@ -320,3 +320,38 @@ def test_stac_hint_names_the_metaparameters_when_eta_is_not_finite():
         model.train()
     for key, value in model.policy.state_dict().items():
         assert th.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("cls", [HANQ, SSAQ])
+def test_non_finite_parameters_after_a_finite_loss_are_caught_and_undone(cls):
+    """Item 7/8: the last step of a call leaves NaN weights although its loss was finite (forced here): the same
+    call raises, names the parameters and the step size, and restores the weights."""
+    model = _filled(cls, "CartPole-v1")
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    optimizer_step = model.policy.optimizer.step
+
+    def poisoning_step(*args, **kwargs):
+        result = optimizer_step(*args, **kwargs)
+        with th.no_grad():
+            next(model.policy.q_net.parameters()).fill_(float("nan"))
+        return result
+
+    model.policy.optimizer.step = poisoning_step
+    with pytest.raises(NonFiniteLossError, match=r"non-finite parameters .* after gradient step 1 .*learning_rate"):
+        model.train(gradient_steps=1, batch_size=16)
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, weights[key]), key
+
+
+def test_stac_catches_an_update_that_overflows_the_parameters():
+    """Item 7: learning_rate=1e38 makes theta' infinite while the inner loss at theta is finite: the error names
+    the updated parameters and the inner step size, and the update is not applied."""
+    model = STAC(
+        "MlpPolicy", "CartPole-v1", n_steps=5, learning_rate=1e38, self_tune=(), policy_kwargs=dict(net_arch=[8])
+    )
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"\(inner loss, updated parameter norm\).*inner step size") as err:
+        model.learn(5)  # one rollout, then the first update
+    assert "at update 1;" in str(err.value) and "metaparameters" not in str(err.value)
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, before[key]), key

@@ -196,7 +196,10 @@ class TrainingSnapshot:
                     th._foreach_copy_(self._state_copies, sources)
             else:  # copy what is unchanged, clone what the optimiser created or replaced since the last snapshot
                 old = {id(t): c for t, c in zip(self._state_sources, self._state_copies)}
-                copies = [old[id(t)].copy_(t) if id(t) in old else t.clone() for t in sources]
+                kept = [(old[id(t)], t) for t in sources if id(t) in old]
+                if kept:
+                    th._foreach_copy_([c for c, _ in kept], [t for _, t in kept])
+                copies = [old[id(t)] if id(t) in old else t.clone() for t in sources]
                 self._state_sources, self._state_copies = sources, copies
             for (state, k), copy in zip(entries, self._state_copies):
                 state[k] = copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -317,26 +318,38 @@ class HANQ(SupportedActionSpacesMixin, DQN):
                 self._hyper_data = data
         q_sa, multiplier, bias = out.q_values, out.multiplier, out.bias
 
-        # Checked once per call (no device sync per step); the error names the first bad gradient step.
+        # Checked once per call (no device sync per step); the error names the first bad gradient step. The
+        # parameters (which the last step's update may have made non-finite) are checked in the same sync.
         loss_values = th.stack(losses)
         finite = th.isfinite(loss_values)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0])
-            lr = optimizer.param_groups[0]["lr"]
+        with th.no_grad():
+            params_finite = th.isfinite(th.stack(th._foreach_norm(params)).sum())
+        lr = optimizer.param_groups[0]["lr"]
+        if not bool(finite.all() & params_finite) or not math.isfinite(lr):
             snapshot.restore()
             self._hyper_data = hyper_data_before
-            data = batches[bad]
-            hint = divergence_hint(
-                rewards=data.rewards,
-                observations=data.observations,
-                next_observations=data.next_observations,
-                gamma=self.gamma,
-                learning_rate_hint="the step size is the likely cause: try a lower learning_rate or hyper_lr",
+            restored = (
+                f"The model was restored to its state before gradient step {self._n_updates + 1} "
+                "(the start of this train() call)."
             )
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0, 0])
+                data = batches[bad]
+                hint = divergence_hint(
+                    rewards=data.rewards,
+                    observations=data.observations,
+                    next_observations=data.next_observations,
+                    gamma=self.gamma,
+                    learning_rate_hint="the step size is the likely cause: try a lower learning_rate or hyper_lr",
+                )
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: non-finite loss {loss_values[bad].item()} at gradient step "
+                    f"{self._n_updates + bad + 1} (learning rate {lr:.3g}); {hint}. {restored}"
+                )
             raise NonFiniteLossError(
-                f"{type(self).__name__}: non-finite loss {loss_values[bad].item()} at gradient step "
-                f"{self._n_updates + bad + 1} (learning rate {lr:.3g}); {hint}. The model was restored to its "
-                f"state before gradient step {self._n_updates + 1} (the start of this train() call)."
+                f"{type(self).__name__}: non-finite parameters or learning rate ({lr:.3g}) after gradient step "
+                f"{self._n_updates + gradient_steps} (finite losses); the step size is the likely cause: try a lower "
+                f"learning_rate or hyper_lr. {restored}"
             )
         # omega and Q of the last gradient step; the loss averaged over this call's steps (as SB3's DQN)
         with th.no_grad():

@@ -542,12 +542,13 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         return losses[0] + self.kl_coef * kl.sum(), kl.detach().mean()
 
     def _divergence_hint(self, batch: RolloutBatch, values: th.Tensor) -> str:
-        """The likely cause of non-finite ``values`` = (inner loss[, outer loss, metagradient sum]) (item 12)."""
+        """The likely cause of non-finite ``values`` = (inner loss[, outer loss, metagradient sum], updated parameter
+        norm) (issue #15, item 12)."""
         finite = th.isfinite(values).tolist()
         hint = divergence_hint(rewards=batch.rewards, observations=batch.observations)
         if hint.startswith("the minibatch holds"):
             return hint.replace("minibatch", "rollout")
-        if not bool(th.isfinite(self.eta).all()) or (finite[0] and not all(finite)):
+        if not bool(th.isfinite(self.eta).all()) or (finite[0] and not all(finite[:-1])):
             return (
                 f"the metaparameters are the likely cause (eta_init={self.eta_init}, meta/gamma = "
                 f"{self.metaparameters['gamma'][0]:.6g}): try a lower meta_learning_rate or eta_init, or a smaller "
@@ -569,10 +570,13 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
                 outer, kl = self.outer_loss(inner.new_params, batch, inner.outputs)
                 (meta_grad,) = th.autograd.grad(outer, [self.eta])
                 checked += [outer.detach(), meta_grad.sum()]
+            new_values = [value.detach() for value in inner.new_params.values()]
+            checked.append(th.stack(th._foreach_norm(new_values)).sum())  # the step's update, same sync
             values = th.stack(checked)
             if not bool(th.isfinite(values).all()):
+                names = "inner loss, outer loss, metagradient sum" if tuned else "inner loss"
                 raise NonFiniteLossError(
-                    f"{type(self).__name__}: non-finite (inner loss, outer loss, metagradient sum) = "
+                    f"{type(self).__name__}: non-finite ({names}, updated parameter norm) = "
                     f"{values.tolist()} at update {self._n_updates + epoch + 1}; {self._divergence_hint(batch, values)}"
                     ". This update was not applied."
                 )
