@@ -282,12 +282,16 @@ def test_degenerate_sizes_are_refused_naming_the_argument(cls, kwargs, message):
         cls("MlpPolicy", env_id, device="cpu", **kwargs)
 
 
-def test_the_hint_names_the_data_when_the_batch_holds_nan():
-    """Item 12: NaN rewards in the buffer: the error blames the data, not the learning rate."""
+@pytest.mark.parametrize(
+    "reward, message",
+    [(np.nan, "replay buffer holds non-finite rewards: the data are"), (1e30, "holds rewards of magnitude 1e\\+30")],
+)
+def test_the_hint_names_the_data_when_the_buffer_holds_nan_or_huge_rewards(reward, message):
+    """Item 12: NaN or huge rewards in the buffer: the error blames the data, not the learning rate."""
     model = _filled(HANQ, "CartPole-v1")
-    model.replay_buffer.rewards[:] = np.nan
-    with pytest.raises(NonFiniteLossError, match="non-finite rewards: the data are the likely cause") as err:
-        model.train(gradient_steps=1, batch_size=16)
+    model.replay_buffer.rewards[:] = reward
+    with pytest.raises(NonFiniteLossError, match=message) as err:
+        model.train(gradient_steps=3, batch_size=16)
     assert "try a lower learning_rate" not in str(err.value)
 
 

@@ -94,21 +94,25 @@ def check_net_arch(value: Any, name: str = "net_arch") -> None:
 
 def divergence_hint(
     *,
-    rewards: th.Tensor | None = None,
+    rewards: th.Tensor | np.ndarray | None = None,
     observations: Any = None,
     next_observations: Any = None,
     gamma: float | None = None,
     learning_rate_hint: str = "try a lower learning_rate",
+    where: str = "the minibatch",
 ) -> str:
     """The likely cause of a non-finite loss, as a hint for :class:`NonFiniteLossError` (issue #15, item 12).
 
     Checked in this order, the first that applies wins:
 
-    1. **data**: non-finite rewards or observations in the failing minibatch (nothing the optimiser can fix);
+    1. **data**: non-finite rewards or observations in the data given (nothing the optimiser can fix);
     2. **reward scale**: rewards of magnitude >= ``HUGE_REWARD`` (1e8): squared TD errors of
        ``r / (1 - gamma)`` overflow float32 (~3.4e38) long before the weights misbehave;
     3. **discount**: ``gamma`` >= 0.9999 (an almost undiscounted bootstrap can grow without bound);
     4. otherwise the step size: ``learning_rate_hint`` (the algorithm's own advice).
+
+    The data may be tensors or NumPy arrays (dicts of them for Dict observations); ``where`` names them in the
+    message (``"the minibatch"``, ``"the replay buffer"``, ``"the rollout"``).
     """
     bad_data = [
         name
@@ -121,14 +125,14 @@ def divergence_hint(
     ]
     if bad_data:
         return (
-            f"the minibatch holds non-finite {', '.join(bad_data)}: the data are the likely cause "
+            f"{where} holds non-finite {', '.join(bad_data)}: the data are the likely cause "
             "(check the environment or dataset, e.g. with VecCheckNan); a lower learning rate will not help"
         )
-    if rewards is not None and rewards.numel() > 0:
-        largest = float(rewards.abs().max())
+    if rewards is not None and (rewards.numel() if isinstance(rewards, th.Tensor) else np.size(rewards)) > 0:
+        largest = float(rewards.abs().max()) if isinstance(rewards, th.Tensor) else float(np.abs(rewards).max())
         if largest >= HUGE_REWARD:
             return (
-                f"the minibatch holds rewards of magnitude {largest:.3g}: scale the rewards down "
+                f"{where} holds rewards of magnitude {largest:.3g}: scale the rewards down "
                 "(e.g. VecNormalize(norm_reward=True)); squared TD errors overflow float32"
             )
     if gamma is not None and gamma >= 0.9999:
@@ -146,6 +150,23 @@ def _all_finite(value: Any) -> bool:
     if isinstance(value, th.Tensor):
         return not value.is_floating_point() or bool(th.isfinite(value).all())
     return bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+
+
+def replay_buffer_data(buffer: Any) -> dict[str, Any]:
+    """The filled part of an SB3 replay buffer's rewards, observations and next observations (NumPy views, no
+    copy), for :func:`divergence_hint` when the failing minibatch itself was not kept."""
+    n = buffer.buffer_size if buffer.full else buffer.pos
+
+    def filled(value: Any) -> Any:
+        if value is None:
+            return None
+        return {k: v[:n] for k, v in value.items()} if isinstance(value, dict) else value[:n]
+
+    return dict(
+        rewards=filled(buffer.rewards),
+        observations=filled(buffer.observations),
+        next_observations=filled(getattr(buffer, "next_observations", None)),
+    )
 
 
 class TrainingSnapshot:

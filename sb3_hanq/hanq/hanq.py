@@ -34,6 +34,7 @@ from sb3_hanq.common.utils import (
     check_positive_lr,
     divergence_hint,
     load_with_completed_policy_kwargs,
+    replay_buffer_data,
 )
 from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy, MultiInputPolicy
 
@@ -281,7 +282,6 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         same_batch = hyper_active and self.hyper_batch == "same"
         target_net = self.q_net if self.q_net_target is None else self.q_net_target
         losses: list[th.Tensor] = []
-        batches: list[Any] = []  # kept (references only) to name the likely cause of a non-finite loss
         for _ in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             directions = optimizer.previous_updates() if hyper_active else None  # type: ignore[attr-defined]
@@ -313,7 +313,6 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             else:
                 optimizer.step()
             losses.append(loss.detach())
-            batches.append(data)
             if same_batch:
                 self._hyper_data = data
         q_sa, multiplier, bias = out.q_values, out.multiplier, out.bias
@@ -334,13 +333,12 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             )
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
-                data = batches[bad]
+                # The minibatches are not kept (no per-step cost): the data check reads the whole buffer.
                 hint = divergence_hint(
-                    rewards=data.rewards,
-                    observations=data.observations,
-                    next_observations=data.next_observations,
+                    **replay_buffer_data(self.replay_buffer),
                     gamma=self.gamma,
                     learning_rate_hint="the step size is the likely cause: try a lower learning_rate or hyper_lr",
+                    where="the replay buffer",
                 )
                 raise NonFiniteLossError(
                     f"{type(self).__name__}: non-finite loss {loss_values[bad].item()} at gradient step "

@@ -545,9 +545,9 @@ class STAC(SupportedActionSpacesMixin, OnPolicyAlgorithm):
         """The likely cause of non-finite ``values`` = (inner loss[, outer loss, metagradient sum], updated parameter
         norm) (issue #15, item 12)."""
         finite = th.isfinite(values).tolist()
-        hint = divergence_hint(rewards=batch.rewards, observations=batch.observations)
-        if hint.startswith("the minibatch holds"):
-            return hint.replace("minibatch", "rollout")
+        hint = divergence_hint(rewards=batch.rewards, observations=batch.observations, where="the rollout")
+        if hint.startswith("the rollout holds"):
+            return hint
         if not bool(th.isfinite(self.eta).all()) or (finite[0] and not all(finite[:-1])):
             return (
                 f"the metaparameters are the likely cause (eta_init={self.eta_init}, meta/gamma = "
