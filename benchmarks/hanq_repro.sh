@@ -42,4 +42,5 @@ echo "learning-rate grid with hyper_batch $BEST_BATCH"
 SEEDS=3 run "per_state_lr_grid_$BEST_BATCH" --algo hanq --learning-rate 1e-2 1e-3 \
   --hyper-lr 0.1 -params metapredictor_outputs:state "hyper_batch:$BEST_BATCH"
 # 5. the per-(s, a) reading with the same-batch hypergradient
-run state_action_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params hyper_batch:same
+run state_action_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params hyper_batch:same \
+  metapredictor_outputs:state_action

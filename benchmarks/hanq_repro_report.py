@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
     dirs = [Path(a) for a in argv] or DEFAULT_DIRS
     members = load_members(dirs)
     groups: dict[str, list[dict[str, Any]]] = {}
-    for name, config, member in members:
+    for name, _config, member in members:
         key = f"{name}|{label(member['hyperparameters'], member['algorithm'])}"
         groups.setdefault(key, []).append(member)
     lines = [

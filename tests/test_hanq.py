@@ -48,8 +48,9 @@ def _hand_q(net, obs):
     q = ln @ w["q_head.weight"].T + w["q_head.bias"]
     l2 = f / np.linalg.norm(f, axis=1, keepdims=True)
     omega = l2 @ w["meta_head.weight"].T + w["meta_head.bias"]
-    n = q.shape[1]
-    return q, omega[:, :n], omega[:, n:]
+    n, k = q.shape[1], omega.shape[1] // 2  # k = |A| (per (s, a)) or 1 (per state, broadcast over actions)
+    scale, bias = omega[:, :k], omega[:, k:]
+    return q, np.broadcast_to(scale, (len(q), n)).copy(), np.broadcast_to(bias, (len(q), n)).copy()
 
 
 def test_forward_matches_hand_computation():
@@ -192,8 +193,10 @@ def test_no_target_network_by_default_and_polyak_with_tau():
     [
         (dict(predictor="none"), lambda n: not hasattr(n, "meta_head") and not hasattr(n, "omega_scale")),
         (dict(predictor="scalar"), lambda n: n.omega_scale.shape == () and n.omega_bias.shape == ()),
-        (dict(predictor_bias=False), lambda n: n.meta_head.out_features == 2),
-        (dict(predictor_bias=True), lambda n: n.meta_head.out_features == 4),
+        (dict(predictor_bias=False), lambda n: n.meta_head.out_features == 1),  # per state (the default)
+        (dict(predictor_bias=True), lambda n: n.meta_head.out_features == 2),
+        (dict(predictor_bias=False, metapredictor_outputs="state_action"), lambda n: n.meta_head.out_features == 2),
+        (dict(predictor_bias=True, metapredictor_outputs="state_action"), lambda n: n.meta_head.out_features == 4),
         (dict(main_norm="l2"), lambda n: isinstance(n.main_norm, L2Norm)),
         (dict(main_norm="none"), lambda n: isinstance(n.main_norm, th.nn.Identity)),
         (dict(meta_norm="layer"), lambda n: isinstance(n.meta_norm, th.nn.LayerNorm)),
@@ -348,7 +351,7 @@ def test_cnn_policy_layout():
     with th.no_grad():
         features = net.latent(obs)
         expected_omega = net.meta_head(th.nn.functional.normalize(features, dim=1))
-        assert th.allclose(net.predictor_params(features)[0], expected_omega[:, :4])
+        assert th.allclose(net.predictor_params(features)[0], expected_omega[:, :1])  # per state (the default)
         assert th.allclose(net(obs), net.q_head(net.main_norm(features)))
     model.learn(100)
     assert model._n_updates > 0
@@ -367,7 +370,7 @@ def test_per_state_metapredictor():
     """metapredictor_outputs="state": a 2-output head whose (omega_scale, omega_bias) is the same for every action
     of a state, so Q_omega,theta(s, a) - omega_bias(s) is exp(omega_scale(s)) times Q_theta(s, a) for all a."""
     per_state = HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="state"), seed=0)
-    per_pair = HANQ("MlpPolicy", "CartPole-v1", seed=0)
+    per_pair = HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="state_action"), seed=0)
     assert per_state.q_net.meta_head.out_features == 2 and per_pair.q_net.meta_head.out_features == 4
     net = per_state.q_net
     obs = th.randn(7, 4)
@@ -383,3 +386,18 @@ def test_per_state_metapredictor():
         th.testing.assert_close(q_sa, q_all[:, action : action + 1])
     with pytest.raises(ValueError, match="metapredictor_outputs"):
         HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="action"))
+    assert HANQ("MlpPolicy", "CartPole-v1").policy_kwargs["metapredictor_outputs"] == "state"  # the default
+
+
+def test_file_saved_before_metapredictor_outputs_loads_as_trained(tmp_path):
+    """A file whose policy_kwargs lack metapredictor_outputs (saved before the option, when the head was per
+    (s, a)) loads with the per-(s, a) head and its weights, not with today's per-state default."""
+    old = HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="state_action"), seed=0)
+    del old.policy_kwargs["metapredictor_outputs"]  # what the older code stored
+    old.save(tmp_path / "old.zip")
+    loaded = HANQ.load(tmp_path / "old.zip")
+    assert loaded.q_net.meta_head.out_features == 4
+    obs = th.randn(5, 4)
+    with th.no_grad():
+        th.testing.assert_close(loaded.q_net.predictor_params(loaded.q_net.latent(obs))[0],
+                                old.q_net.predictor_params(old.q_net.latent(obs))[0])  # fmt: skip

@@ -1,12 +1,12 @@
 """Offline training on the paper's DiscretePendulum dataset (1000 uniform transitions) improves the policy.
 
 Measured on this machine (3000 gradient steps, 10 evaluation episodes, normalised score §11.1; seeds 0/1/2):
-untrained policies score 19, -16 and -4; HANQ with the scalar predictor ("w/o metapred.", Table 2)
-reaches 77, 38 and 75. HANQ with the default metapredictor reaches 4, -6 and -7: in our reading it does
-not learn this problem (see README, "What reproduces"), which the strict xfail below records.
+untrained policies score 19, -14 and -1. HANQ with its default per-state metapredictor reaches 88, 43 and 94
+(kappa = 0.1, next-minibatch hypergradient; 88, 79 and 86 with ``hyper_batch="same"``); HANQ with the scalar
+predictor ("w/o metapred.", Table 2) reaches 77, 38 and 75. The per-(s, a) metapredictor, the default before
+issue #14, reached 4, -6 and -7 (README, "Results and what reproduces").
 """
 
-import pytest
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -31,7 +31,6 @@ def test_offline_training_beats_the_untrained_policy():
     assert after > before + 20, (before, after)  # measured: 19 -> 77
 
 
-@pytest.mark.xfail(strict=True, reason="does not reproduce: the metapredictor reading does not learn (README)")
-def test_default_metapredictor_beats_the_untrained_policy():
+def test_default_hanq_beats_the_untrained_policy():
     before, after = _scores_before_after(None)
-    assert after > before + 20, (before, after)  # measured: 19 -> 4
+    assert after > before + 20, (before, after)  # measured: 19 -> 88

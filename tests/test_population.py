@@ -340,6 +340,19 @@ def test_results_file_and_resume(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different arguments"):
         train_population(**RUN, learning_rate=[1e-2], device="cpu", out=out, verbose=0)
 
+    # the same arguments after a default changed (here meta_norm): the checkpoint is refused, not resumed mixed
+    out = tmp_path / "defaults.json"
+    monkeypatch.setattr(run_module.PopulationTrainer, "record", record_then_die)
+    with pytest.raises(Killed):
+        train_population(**RUN, device="cpu", out=out, verbose=0)
+    monkeypatch.setattr(run_module.PopulationTrainer, "record", original)
+    import sb3_hanq.population.trainer as trainer_module
+
+    defaults = trainer_module._param_defaults
+    monkeypatch.setattr(trainer_module, "_param_defaults", lambda algo: {**defaults(algo), "meta_norm": "layer"})
+    with pytest.raises(ValueError, match="member_params"):
+        train_population(**RUN, device="cpu", out=out, verbose=0)
+
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "r.json"

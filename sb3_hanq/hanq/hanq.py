@@ -209,6 +209,8 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         ``hyper_lr`` (the constructor's arguments, or a saved file's data in :meth:`load`)."""
         policy_kwargs = dict(policy_kwargs)
         policy_kwargs["target_network"] = hyperparams["tau"] < 1
+        # stored explicitly, so that a file keeps its reading if the default changes again (see _setup_model)
+        policy_kwargs.setdefault("metapredictor_outputs", "state")
         # The hypergradient lives in the optimiser; a user-supplied optimizer_class is kept as is.
         if policy_kwargs.get("optimizer_class", HyperAdam) is HyperAdam:
             optimizer_kwargs = dict(policy_kwargs.get("optimizer_kwargs") or {})
@@ -233,6 +235,9 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         return [*super()._excluded_save_params(), "_hyper_data", "_training_snapshot"]
 
     def _setup_model(self) -> None:
+        # A file saved before metapredictor_outputs existed was trained with one (omega_scale, omega_bias) per
+        # (s, a), the default then: it loads as it was trained (new models always carry the key)
+        self.policy_kwargs.setdefault("metapredictor_outputs", "state_action")
         if self.policy_kwargs.get("target_network"):
             super()._setup_model()
             return

@@ -33,6 +33,8 @@ def checkpoint_path(out: Path) -> Path:
 
 def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(config))
+    if "member_params" not in saved:  # (written before the resolved settings were recorded)
+        keys.remove("member_params")
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
 
 
@@ -136,6 +138,8 @@ def train_population(
         n_samples=n_samples,
         target_update_interval=target_update_interval,
         seed=seed,
+        # the structural settings after defaults: a run resumed after a default changed is refused, not mixed
+        member_params=sorted({json.dumps(dict(m.params), sort_keys=True) for m in members}),
     )
     out_path = Path(out) if out is not None else None
     ckpt = checkpoint_path(out_path) if out_path is not None else None

@@ -132,7 +132,7 @@ def _param_defaults(algo: str) -> dict[str, Any]:
         symmetric=False,
         main_norm="layer",
         meta_norm="l2",
-        metapredictor_outputs="state_action",
+        metapredictor_outputs="state",  # HANQ's default (issue #14)
         net_arch=[128],
     )
     policy.update(ALGORITHMS[algo]["policy"])
