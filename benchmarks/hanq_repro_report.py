@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         key = f"{name}|{label(member['hyperparameters'], member['algorithm'])}"
         groups.setdefault(key, []).append(member)
     lines = [
-        "# HANQ at the paper's scale (DiscretePendulum-v1, 200k gradient steps)",
+        "**HANQ at the paper's scale (DiscretePendulum-v1, 200k gradient steps)**",
         "",
         "Command: `bash benchmarks/hanq_repro.sh` (population trainer), then "
         "`.venv/bin/python benchmarks/hanq_repro_report.py`. Every run: 1000 uniform-state transitions per seed "
