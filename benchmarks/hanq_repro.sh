@@ -22,14 +22,14 @@ run() {  # run <name> <population CLI arguments...>
 run per_state_kappa --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0 0.1 -params metapredictor_outputs:state
 # 2. Alg. 2's same-minibatch hypergradient (hyper_batch "same"), both metapredictor readings
 run per_state_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params metapredictor_outputs:state hyper_batch:same
-# 3. Table 1's DQN cells on Pendulum at the same scale: DQN and DQN-LN, with beta = 1 (no target network) and with
-#    beta = 10^-3 (the demo's target rate), learning rate 10^-2.5
-run dqn_pendulum --algo dqn --learning-rate 3.1623e-3 --tau 1 1e-3 -params "main_norm:['none','layer']"
-# 4. learning rates around 10^-2.5 (the paper's grid is {10^-1, ..., 10^-4}, §11) for HANQ's defaults (per-state
+# 3. learning rates around 10^-2.5 (the paper's grid is {10^-1, ..., 10^-4}, §11) for HANQ's defaults (per-state
 #    metapredictor, kappa = 0.1, next-minibatch hypergradient: the two hypergradient forms tied at 10^-2.5, 73.1
 #    and 73.9, and "next" costs one pass less); 5 seeds per learning rate
 SEEDS=5 run per_state_lr_grid_next --algo hanq --learning-rate 1e-2 1e-3 --hyper-lr 0.1 \
   -params metapredictor_outputs:state hyper_batch:next
+# 4. Table 1's DQN cells on Pendulum at the same scale: DQN and DQN-LN, with beta = 1 (no target network) and with
+#    beta = 10^-3 (the demo's target rate), learning rate 10^-2.5
+run dqn_pendulum --algo dqn --learning-rate 3.1623e-3 --tau 1 1e-3 -params "main_norm:['none','layer']"
 # 5. the per-(s, a) reading with the same-batch hypergradient
 run state_action_same --algo hanq --learning-rate 3.1623e-3 --hyper-lr 0.1 -params hyper_batch:same \
   metapredictor_outputs:state_action
