@@ -46,6 +46,9 @@ def test_docs_build_without_warnings(tmp_path):
         "guide/ntk",
         "guide/zoo",
         "guide/population",
+        "guide/examples",
+        "misc/results",
+        "misc/reliability",
         "misc/changelog",
     ] + [f"modules/{name}" for name in ALGORITHM_PAGES]:
         assert (tmp_path / f"{page}.html").is_file(), page

@@ -1,6 +1,6 @@
-"""Packaging: every command the README shows is covered by the extra it names (checked from the installed
-package's metadata, installing nothing), a missing extra is one line naming it, and the license / typing
-metadata is what a wheel user sees."""
+"""Packaging: every command the README and the docs pages show is covered by the extra it names (checked from
+the installed package's metadata, installing nothing), a missing extra is one line naming it, and the license /
+typing metadata is what a wheel user sees."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from sb3_hanq.common.extras import MissingExtraError, missing_modules, require_e
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+#: The README is the front page; the commands and examples it links to live in docs/ (not in an sdist without it).
+PAGES = [README] + sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)
 
 #: Module -> distribution, for modules this test environment may lack (packages_distributions() covers the rest).
 KNOWN_DISTRIBUTIONS = {
@@ -66,8 +68,13 @@ def _distribution(module: str) -> str:
     return _normalize(dists[0])
 
 
-def _code_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+def _code_blocks(language: str, page: Path = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+
+
+def _page_extras(page: Path) -> set[str]:
+    """Extras a page names for its examples, as ``extra `minari` ``."""
+    return set(re.findall(r"extra `([a-z]+)`", page.read_text()))
 
 
 def _python_imports(code: str) -> set[str]:
@@ -83,29 +90,40 @@ def _python_imports(code: str) -> set[str]:
 
 
 def _zoo_commands() -> list[tuple[str, list[str]]]:
-    """(extra named by the README for it, argv) of every ``sb3-hanq-zoo`` / ``optuna`` command in the README.
+    """(extra named for it, argv) of every ``sb3-hanq-zoo`` / ``optuna`` command in the README and the docs.
 
-    The extra is the one installed by the closest ``pip install ...[extra]`` line above the command.
+    The extra is the one installed by the closest ``pip install ...[extra]`` line above the command, on its page.
     """
-    commands, extra = [], ""
-    for block in _code_blocks("bash"):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if match := re.search(r"pip install .*\[([a-z,]+)\]", line):
-                extra = match.group(1)
-            if line.startswith(("sb3-hanq-zoo ", "optuna ")):
-                commands.append((extra, shlex.split(line.replace("$RANDOM", "1"))))
+    commands = []
+    for page in PAGES:
+        extra = ""
+        for block in _code_blocks("bash", page):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if match := re.search(r"pip install .*\[([a-z,]+)\]", line):
+                    extra = match.group(1)
+                if line.startswith(("sb3-hanq-zoo ", "optuna ")):
+                    commands.append((extra, shlex.split(line.replace("$RANDOM", "1"))))
     return commands
 
 
 def test_readme_python_examples_run_on_the_base_install():
-    base = _requirements()[None]
-    blocks = _code_blocks("python")
-    assert len(blocks) >= 4
-    needed = set().union(*map(_python_imports, blocks))
-    assert {"stable_baselines3", "tqdm", "rich"} <= needed  # the parser sees what the examples use
-    uncovered = {module for module in needed if _distribution(module) not in base}
-    assert not uncovered, f"README Python examples import {sorted(uncovered)}, not in the base dependencies"
+    requirements = _requirements()
+    assert _code_blocks("python"), "the README shows no Python example"
+    all_needed: set[str] = set()
+    n_blocks = 0
+    for page in PAGES:
+        # the base install, plus the extras the page names for its examples (``extra `minari` ``)
+        covered = requirements[None].union(*(requirements.get(extra, set()) for extra in _page_extras(page)))
+        for block in _code_blocks("python", page):
+            n_blocks += 1
+            needed = _python_imports(block)
+            all_needed |= needed
+            uncovered = {module for module in needed if _distribution(module) not in covered}
+            name = page.relative_to(ROOT)
+            assert not uncovered, f"{name}: a Python example imports {sorted(uncovered)}, not in the base dependencies"
+    assert n_blocks >= 4
+    assert {"stable_baselines3", "tqdm", "rich"} <= all_needed  # the parser sees what the examples use
 
 
 def test_readme_zoo_commands_are_covered_by_the_extra_they_name():
