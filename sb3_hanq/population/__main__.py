@@ -6,7 +6,8 @@
 
 The grid is the product of the lists given. ``-params`` sets structural settings (``predictor``, ``main_norm``,
 ``meta_norm``, ``positive_scale``, ``predictor_bias``, ``symmetric``, ``metapredictor_outputs``, ``hyper_batch``,
-``net_arch``, ``loss``, ``max_grad_norm``, ``lr_parameterization``); a Python list as value (``main_norm:"['layer','l2']"``) makes it a grid dimension.
+``net_arch``, ``loss``, ``max_grad_norm``, ``lr_parameterization``); a Python list as value
+(``main_norm:"['layer','l2']"``) makes it a grid dimension.
 """
 
 from __future__ import annotations
