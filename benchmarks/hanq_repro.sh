@@ -3,6 +3,8 @@
 # steps, evaluation every 2k steps on 10 episodes, lr 10^-2.5 unless stated). Resumable: every run writes
 # benchmarks/results/hanq_repro/<name>.json when done and checkpoints on the way; rerunning skips finished runs and
 # resumes a killed one.    nohup bash benchmarks/hanq_repro.sh > /tmp/hanq_repro.log 2>&1 &
+# Checkpoints (<name>.json.ckpt.pt) of a run still in flight are committed at the end of a session, so that the
+# next session's checkout resumes it; a finished run deletes its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
