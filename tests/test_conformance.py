@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import MatrixActionEnv
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -24,18 +25,6 @@ from sb3_hanq.stac import STACX
 # MultiInputPolicy. Schedules are constant (epsilon, learning rate) so that learning can be split in two calls.
 SPECS: dict[type, dict[str, Any]] = {
     HANQ: dict(
-        env="CartPole-v1",
-        kwargs=dict(
-            learning_starts=8,
-            batch_size=8,
-            train_freq=2,
-            exploration_initial_eps=0.3,
-            exploration_final_eps=0.3,
-            policy_kwargs=dict(net_arch=[8]),
-        ),
-        multi_input=True,
-    ),
-    SSAQ: dict(
         env="CartPole-v1",
         kwargs=dict(
             learning_starts=8,
@@ -68,6 +57,7 @@ SPECS: dict[type, dict[str, Any]] = {
         multi_input=True,
     ),
 }
+SPECS[SSAQ] = SPECS[HANQ]  # same settings (SSAQ subclasses HANQ)
 ALGOS = list(SPECS)
 STEPS = 24  # a multiple of every train_freq / n_steps above, past every learning_starts
 
@@ -97,22 +87,6 @@ def assert_same_state(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> None:
 def params_changed(before: dict[str, th.Tensor], model: Any) -> bool:
     after = dict(model.policy.named_parameters())
     return any(not th.equal(before[k], p.detach()) for k, p in after.items())
-
-
-class MatrixActionEnv(gym.Env):
-    """10-step task with a (2, 2) Box action: reward -||a - 0.5||^2."""
-
-    observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
-    action_space = spaces.Box(-1.0, 1.0, (2, 2), np.float32)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(3, np.float32), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self.t += 1
-        return np.full(3, self.t / 10, np.float32), -float(((action - 0.5) ** 2).sum()), False, self.t >= 10, {}
 
 
 class DictObservation(gym.ObservationWrapper):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import MatrixActionEnv
 from gymnasium import spaces
 from stable_baselines3 import TD3
 from stable_baselines3.common.logger import Logger, make_output_format
@@ -88,24 +88,6 @@ def test_train_offline_dumps_the_last_steps_without_exploration_rate(tmp_path):
 
 
 # --- issue #15, remaining items -------------------------------------------------------------------------------
-
-
-class MatrixActionEnv(gym.Env):
-    """A 10-step task with a (2, 2) Box action: reward -||a - target||^2 (a multi-dimensional Box action space)."""
-
-    observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
-    action_space = spaces.Box(-1.0, 1.0, (2, 2), np.float32)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self.t = 0
-        return self.observation_space.sample() * 0, {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        assert action.shape == (2, 2)
-        self.t += 1
-        obs = np.full(3, self.t / 10, np.float32)
-        return obs, -float(((action - 0.5) ** 2).sum()), False, self.t >= 10, {}
 
 
 def test_preqn_default_noise_has_the_action_shape_and_trains_like_td3():
