@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", help="results JSON (a .md summary and a checkpoint go beside it)")
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the forward and backward passes (1.3-1.8x faster on CPU, ~20 s to compile)",
+    )
     return parser
 
 
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             progress_bar=not args.no_progress_bar,
             seed=args.seed,
+            compile=args.compile,
         )
     except (ValueError, TypeError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)

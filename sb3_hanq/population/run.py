@@ -101,6 +101,7 @@ def train_population(
     progress_bar: bool = False,
     seed: int = 0,
     verbose: int = 1,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train the grid ``seeds x learning_rate x hyper_lr x tau x gamma x hyper_objective x params`` offline on
     ``env_id`` as one batched population, evaluating every member every ``eval_freq`` gradient steps.
@@ -110,6 +111,9 @@ def train_population(
     (a finished run is returned as it is). Different arguments against an existing output are a ``ValueError``.
 
     :param seeds: a number of seeds (``0 .. seeds-1``) or the seeds themselves
+    :param compile: :func:`torch.compile` the members' forward and backward passes (see
+        :class:`~sb3_hanq.population.PopulationTrainer`); not part of the run's arguments, so a run may be
+        resumed with or without it
     :return: the results (what the JSON holds): ``config``, ``members`` (per member: algorithm, hyperparameters,
         seed, evaluation steps, scores, the score averaged over evaluations, learning rates, final learning
         rate, ``diverged_at_step``), ``summary``, timing and machine
@@ -171,6 +175,7 @@ def train_population(
         target_update_interval=target_update_interval,
         device=device,
         seed=seed,
+        compile=compile,
     )
     elapsed_before = 0.0
     if ckpt is not None and ckpt.exists():

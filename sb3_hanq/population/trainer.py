@@ -429,6 +429,7 @@ class _Group:
         self._predicted = ModuleFunction(self.twin, predicted_q_values)
         self._bootstrap = ModuleFunction(self.twin, bootstrap_q_values)
         self._forward = ModuleFunction(self.twin, lambda net, obs: net(obs))
+        self._step_fn = self._loss_terms
 
     # -- state --------------------------------------------------------------------------------------------
     _TENSOR_LISTS = ("params", "target", "exp_avgs", "exp_avg_sqs", "prev_updates", "prev_batch")
@@ -462,34 +463,63 @@ class _Group:
         return {"module." + n: (t.view(-1, 1, 1) if t.dim() == 1 else t) for n, t in zip(self.names, tensors)}
 
     def _prediction_and_targets(
-        self, params: list[th.Tensor], batch: Sequence[th.Tensor], target_graph: bool
+        self,
+        params: list[th.Tensor],
+        batch: Sequence[th.Tensor],
+        target_graph: bool,
+        target_params: list[th.Tensor] | None = None,
     ) -> tuple[PredictorOutput, th.Tensor]:
         """Q_omega,theta(s, a) and y of every member's minibatch: the same functions as ``HANQ.train``, on all
-        members at once (the twin's layers are stacked). y keeps its graph when ``target_graph``."""
+        members at once (the twin's layers are stacked). y keeps its graph when ``target_graph``, with respect to
+        ``target_params`` when given (the same values as ``params``, other leaves), else to ``params``."""
         obs, actions, next_obs, rewards, dones = batch
         out = functional_call(self._predicted, self._named(params), (obs, actions))
         if self.target is not None:
             source = self.target
+        elif target_params is not None:  # the online weights' values, as other leaves (see train_step)
+            source = target_params
         else:  # no target network: the targets use the online weights (Alg. 2)
             source = params if target_graph else [p.detach() for p in params]
         with th.set_grad_enabled(target_graph):
             next_q = functional_call(self._bootstrap, self._named(source), (next_obs, self.symmetric))
         return out, q_learning_targets(next_q, rewards, dones, self.gamma.view(-1, 1, 1))
 
-    def train_step(self, batch: tuple[th.Tensor, ...], update_target: bool = True) -> None:
-        """One gradient step of every member on its own minibatch ``batch`` (tensors ``[M, B, ...]``), then
-        (``update_target``) the Polyak update of the target networks."""
-        params = [p.requires_grad_(True) for p in self.params]
-        directions = self.prev_updates if self.any_rg and not self.same_batch else None
-        out, targets = self._prediction_and_targets(params, batch, target_graph=directions is not None)
+    def _loss_terms(
+        self, params: list[th.Tensor], shadow: list[th.Tensor] | None, batch: Sequence[th.Tensor]
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """Per member: the training loss, Q_omega,theta(s, a), y and the mean omega_scale^+ of the minibatch.
+        y is differentiable with respect to ``shadow`` (the residual-gradient term) when it is given. The
+        function :meth:`train_step` runs (``_step_fn``), compiled when the trainer is built with ``compile``."""
+        out, targets = self._prediction_and_targets(
+            params, batch, target_graph=shadow is not None, target_params=shadow
+        )
         losses = td_loss(out.prediction, targets, self.loss)  # [M]
-        predictions = out.prediction
         scales = (
             out.multiplier.detach().reshape(len(self.members), -1).mean(1)
             if out.multiplier is not None
             else th.ones(len(self.members), device=self.device)
         )
-        grads = list(th.autograd.grad(losses.sum(), params))
+        return losses, out.prediction, targets, scales
+
+    def train_step(self, batch: tuple[th.Tensor, ...], update_target: bool = True) -> None:
+        """One gradient step of every member on its own minibatch ``batch`` (tensors ``[M, B, ...]``), then
+        (``update_target``) the Polyak update of the target networks."""
+        params = [p.requires_grad_(True) for p in self.params]
+        directions = self.prev_updates if self.any_rg and not self.same_batch else None
+        # RG's extra term needs the gradient through the targets; the targets read a second set of leaves with
+        # the same values (``shadow``), so that one backward pass gives both gradients separately
+        shadow = [p.detach().requires_grad_(True) for p in self.params] if directions is not None else None
+        losses, predictions, targets, scales = self._step_fn(params, shadow, batch)
+        through_target: Sequence[th.Tensor | None] = ()
+        if shadow is not None:
+            weights = -2.0 * (predictions - targets).detach() / predictions[0].numel()
+            both = th.autograd.grad(
+                [losses.sum(), targets], params + shadow, [th.ones_like(losses.sum()), weights], allow_unused=True
+            )
+            grads = [th.zeros_like(p) if g is None else g for p, g in zip(params, both[: len(params)])]
+            through_target = both[len(params) :]
+        else:
+            grads = list(th.autograd.grad(losses.sum(), params))
         m = len(self.members)
 
         def per_member(tensors: list[th.Tensor]) -> th.Tensor:  # sum over each member's entries
@@ -511,18 +541,21 @@ class _Group:
                 # Alg. 2 literally: L~ of the previous step's minibatch at the weights that step produced
                 hyper_batch = self.prev_batch if self.prev_batch is not None else batch
                 residual = self.use_rg.view(-1, 1, 1) & (self.target is None)
-                hyper_out, hyper_targets = self._prediction_and_targets(params, hyper_batch, target_graph=self.any_rg)
-                hyper_losses = hyperobjective_loss(hyper_out.prediction, hyper_targets, residual)
-                hyper_grads = th.autograd.grad(hyper_losses.sum(), params, allow_unused=True)
+                hyper_shadow = [p.detach().requires_grad_(True) for p in params] if self.any_rg else []
+                _, hyper_prediction, hyper_targets, _ = self._step_fn(params, hyper_shadow or None, hyper_batch)
+                hyper_losses = hyperobjective_loss(hyper_prediction, hyper_targets, residual)
+                hyper_grads = th.autograd.grad(hyper_losses.sum(), params + hyper_shadow, allow_unused=True)
+                # grad L~ = its part through Q_omega,theta(s, a) + its part through the targets (the shadow leaves)
+                through_q, through_y = hyper_grads[: len(params)], hyper_grads[len(params) :] or [None] * len(params)
                 directional = per_member(
-                    [th.zeros_like(u) if g is None else g * u for g, u in zip(hyper_grads, self.prev_updates)]
+                    [
+                        sum((g for g in (gq, gy) if g is not None), th.zeros_like(u)) * u
+                        for gq, gy, u in zip(through_q, through_y, self.prev_updates)
+                    ]
                 )
             else:
                 directional = per_member([g * u for g, u in zip(grads, self.prev_updates)])
             if directions is not None:
-                errors = (predictions - targets).detach()
-                weights = -2.0 * errors / errors[0].numel()
-                through_target = th.autograd.grad(targets, params, grad_outputs=weights, allow_unused=True)
                 correction = per_member(
                     [th.zeros_like(u) if g is None else g * u for g, u in zip(through_target, self.prev_updates)]
                 )
@@ -589,6 +622,10 @@ class PopulationTrainer:
     :param initial_params: ``{member index: state_dict}`` to start a member from given weights
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
     :param seed: seeds the minibatch indices of the run (members' datasets and weights follow their own seeds)
+    :param compile: run every group's forward and backward pass (:meth:`_Group._loss_terms`) through
+        :func:`torch.compile`, which fuses the elementwise work. The same math to float rounding (tested);
+        measured 1.3x faster at M = 30 and 1.8x at M = 300 on 2 CPU cores (``benchmarks/speed_population.py``),
+        at the price of about 20 s of compilation on the first step
     """
 
     def __init__(
@@ -603,6 +640,7 @@ class PopulationTrainer:
         initial_params: dict[int, dict[str, th.Tensor]] | None = None,
         device: th.device | str = "auto",
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if env_id not in BATCHED_ENV_IDS:
             raise ValueError(f"Invalid env_id={env_id!r}: expected one of {BATCHED_ENV_IDS}")
@@ -615,6 +653,8 @@ class PopulationTrainer:
                 raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1")
         if not members:
             raise ValueError("members: expected at least one member")
+        if not isinstance(compile, bool):
+            raise TypeError(f"Invalid compile={compile!r}: expected a bool")
         register_envs()
         self.env_id = env_id
         self.members = list(members)
@@ -676,6 +716,8 @@ class PopulationTrainer:
                 initial_params,
             )
             group.seed_index = th.tensor([self.seeds.index(self.members[i].seed) for i in indices], device=self.device)
+            if compile:
+                group._step_fn = th.compile(group._loss_terms, dynamic=False)
             self.groups.append(group)
         self.generator = th.Generator().manual_seed(seed)
         self.num_steps = 0
