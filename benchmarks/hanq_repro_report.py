@@ -32,7 +32,41 @@ PAPER = {
     ("dqn-layer", 1.0): (40.1, 27.0, 53.6, "Table 1, beta = 1"),
     ("dqn-none", 1.0): (30.0, 22.1, 37.0, "Table 1, beta = 1"),
     ("dqn-l2", 1.0): (31.9, 20.1, 43.0, "Table 1, beta = 1"),
+    ("dqn-none", "best"): (72.4, 61.0, 82.5, "Table 1, best beta"),
+    ("dqn-layer", "best"): (83.0, 77.6, 87.9, "Table 1, best beta"),
+    ("dqn-l2", "best"): (86.1, 80.9, 91.0, "Table 1, best beta"),
+    # Table 8: hypergradient DQN (L_RG), beta tuned over {1, ..., 10^-3}
+    ("dqn-none", "kappa", 0.1): (53.3, 39.8, 66.6, "Table 8, best beta"),
+    ("dqn-none", "kappa", 0.01): (63.1, 49.6, 75.9, "Table 8, best beta"),
+    ("dqn-none", "kappa", 0.001): (65.5, 51.2, 80.7, "Table 8, best beta"),
+    # Tables 2 and 3: HANQ's ablations (kappa = 0.1, RG)
+    ("hanq", "no_scale"): (84.3, 78.2, 90.3, "Table 2, w/o omega_scale+"),
+    ("hanq", "no_bias"): (94.8, 88.4, 99.5, "Table 2, w/o omega_bias"),
+    ("hanq", "no_metapred"): (93.6, 88.9, 97.7, "Table 2, w/o metapred."),
+    ("hanq", "no_pred"): (43.5, 28.6, 56.7, "Table 2, w/o any pred."),
+    ("hanq", "symmetrized"): (39.2, 25.1, 54.0, "Table 2, symmetrized"),
+    ("hanq", "no_l2n"): (40.8, 27.7, 52.9, "Table 3, w/o l2N"),
+    ("hanq", "no_ln"): (34.9, 32.1, 37.7, "Table 3, w/o LN"),
 }
+
+#: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
+ABLATIONS = (
+    ("positive_scale", False, "no_scale", "w/o omega_scale+"),
+    ("predictor_bias", False, "no_bias", "w/o omega_bias"),
+    ("predictor", "scalar", "no_metapred", "w/o metapred."),
+    ("predictor", "none", "no_pred", "w/o any pred."),
+    ("symmetric", True, "symmetrized", "symmetrized"),
+    ("meta_norm", "none", "no_l2n", "w/o l2N"),
+    ("main_norm", "none", "no_ln", "w/o LN"),
+)
+
+
+def ablation(h: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, name) of the Table 2/3 ablation a HANQ configuration is, if any."""
+    for flag, value, key, name in ABLATIONS:
+        if h.get(flag) == value:
+            return key, name
+    return None
 
 
 def label(h: dict[str, Any], algo: str) -> str:
@@ -40,7 +74,10 @@ def label(h: dict[str, Any], algo: str) -> str:
     lr = f"lr {h['learning_rate']:.2g}"
     if algo == "dqn":
         norm = {"none": "DQN", "layer": "DQN-LN", "l2": "DQN-l2N"}[h["main_norm"]]
-        return f"{norm}, beta {h['tau']:g}, {lr}"
+        kappa = f", kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()}" if h["hyper_lr"] > 0 else ""
+        return f"{norm}, beta {h['tau']:g}{kappa}, {lr}"
+    if ablation(h) is not None:
+        return f"{algo.upper()} {ablation(h)[1]}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()}, {lr}"  # type: ignore[index]
     head = "per state" if h.get("metapredictor_outputs") == "state" else "per (s, a)"
     if h["hyper_lr"] == 0:
         return f"{algo.upper()} {head}, kappa 0, {lr}"
@@ -50,8 +87,12 @@ def label(h: dict[str, Any], algo: str) -> str:
 
 def paper_number(h: dict[str, Any], algo: str) -> str:
     key: tuple[Any, ...]
-    if algo == "dqn":
-        key = (f"dqn-{h['main_norm']}", h["tau"])
+    if algo == "dqn" and h["hyper_lr"] > 0:
+        key = (f"dqn-{h['main_norm']}", "kappa", h["hyper_lr"])
+    elif algo == "dqn":
+        key = (f"dqn-{h['main_norm']}", h["tau"] if h["tau"] == 1.0 else "best")
+    elif ablation(h) is not None:
+        key = (algo, ablation(h)[0])  # type: ignore[index]
     else:
         key = (algo, h["hyper_lr"], h["hyper_objective"])
     if key not in PAPER:
