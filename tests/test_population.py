@@ -24,7 +24,7 @@ from sb3_hanq.common.q_learning import (
 from sb3_hanq.offline import collect_dataset, train_offline
 from sb3_hanq.population import PopulationTrainer, make_members, train_population
 from sb3_hanq.population.__main__ import main as cli_main
-from sb3_hanq.population.run import checkpoint_path
+from sb3_hanq.population.run import checkpoint_path, format_summary, summarize
 from sb3_hanq.population.trainer import stacked_twin
 
 ENV = "DiscretePendulum-v1"
@@ -246,6 +246,19 @@ def test_divergence_is_detected_and_frozen():
     frozen = group.member_params(1)
     trainer.train_steps(3)
     assert all(th.equal(frozen[n], group.member_params(1)[n]) for n in frozen)
+
+
+def test_summary_counts_diverged_members_per_configuration():
+    """The summary says, per configuration, how many members diverged; the column appears only when some did."""
+    rows = [(3e-3, 10.0, None), (3e-3, 20.0, 7), (1e-2, 30.0, None), (1e-2, 40.0, None)]
+    members = [dict(hyperparameters=dict(learning_rate=lr), average_score=s, diverged_at_step=d) for lr, s, d in rows]
+    summary = summarize(members, reps=50)
+    assert [(r["n"], r["mean"], r["diverged"]) for r in summary] == [(2, 15.0, 1), (2, 35.0, 0)]
+    table = format_summary(summary).splitlines()
+    assert table[0].endswith("| diverged |") and table[2].endswith("| 1 |") and table[3].endswith("| 0 |")
+    for member in members:
+        member["diverged_at_step"] = None
+    assert "diverged" not in format_summary(summarize(members, reps=50))
 
 
 def test_grid_is_the_product_and_groups_by_shape():

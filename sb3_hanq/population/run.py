@@ -40,11 +40,14 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
 
 def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str, Any]]:
     """Per configuration (everything but the seed): seeds, mean, rliable IQM and its 95% stratified-bootstrap
-    CI of the run-averaged score (HANQ paper §4: the score averaged over all evaluations of a run)."""
+    CI of the run-averaged score (HANQ paper §4: the score averaged over all evaluations of a run), and how many
+    of its members diverged (they count with the scores of their frozen, last finite weights)."""
     configs: dict[str, list[float]] = {}
+    diverged: dict[str, int] = {}
     for member in members:
         key = json.dumps(member["hyperparameters"], sort_keys=True)
         configs.setdefault(key, []).append(member["average_score"])
+        diverged[key] = diverged.get(key, 0) + (member.get("diverged_at_step") is not None)
     try:
         from rliable import library as rly
         from rliable import metrics
@@ -53,7 +56,9 @@ def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str,
     rows = []
     for key, scores in configs.items():
         values = np.asarray(scores, dtype=np.float64)
-        row: dict[str, Any] = dict(hyperparameters=json.loads(key), n=len(values), mean=float(np.nanmean(values)))
+        row: dict[str, Any] = dict(
+            hyperparameters=json.loads(key), n=len(values), mean=float(np.nanmean(values)), diverged=diverged[key]
+        )
         if rly is not None and np.isfinite(values).all():
             iqm = lambda x: np.array([metrics.aggregate_iqm(x)])  # noqa: E731
             point, ci = rly.get_interval_estimates({"c": values[:, None]}, iqm, reps=reps)
@@ -65,10 +70,14 @@ def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str,
 def format_summary(rows: list[dict[str, Any]], header: str = "") -> str:
     """A Markdown table of :func:`summarize`'s rows: one column per hyperparameter that varies across rows."""
     varying = [k for k in rows[0]["hyperparameters"] if len({json.dumps(r["hyperparameters"][k]) for r in rows}) > 1]
+    any_diverged = any(r.get("diverged") for r in rows)
     lines = [header] if header else []
     lines += [
-        "| " + " | ".join(varying or ["configuration"]) + " | seeds | mean score | IQM [95% CI] |",
-        "|" + "---|" * (max(len(varying), 1) + 3),
+        "| "
+        + " | ".join(varying or ["configuration"])
+        + " | seeds | mean score | IQM [95% CI] |"
+        + (" diverged |" if any_diverged else ""),
+        "|" + "---|" * (max(len(varying), 1) + 3 + any_diverged),
     ]
     for r in rows:
         ci = (
@@ -76,7 +85,12 @@ def format_summary(rows: list[dict[str, Any]], header: str = "") -> str:
         )
         values = [r["hyperparameters"][k] for k in varying]
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in values] or ["(the only one)"]
-        lines.append("| " + " | ".join(cells) + f" | {r['n']} | {r['mean']:.1f} | {ci} |")
+        lines.append(
+            "| "
+            + " | ".join(cells)
+            + f" | {r['n']} | {r['mean']:.1f} | {ci} |"
+            + (f" {r.get('diverged', 0)} |" if any_diverged else "")
+        )
     return "\n".join(lines) + "\n"
 
 
