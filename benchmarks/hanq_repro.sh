@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue #14: HANQ readings and the paper's tables at the paper's scale with the population trainer
-# (DiscretePendulum-v1, 200k gradient steps, evaluation every 2k steps on 10 episodes, lr 10^-2.5 unless stated).
+# (DiscretePendulum-v1 unless ENV_ID says otherwise, 200k gradient steps, evaluation every 2k steps on 10 episodes,
+# lr 10^-2.5 unless stated).
 # Resumable: every run writes benchmarks/results/hanq_repro/<name>.json when done and checkpoints on the way;
 # rerunning skips finished runs and resumes a killed one.
 #     nohup bash benchmarks/hanq_repro.sh > /tmp/hanq_repro.log 2>&1 &
@@ -29,7 +30,7 @@ run() {  # run <name> <population CLI arguments...>
   [ $(((index - 1) % LANES)) -eq "$LANE" ] || return 0
   [ -f "$OUT/$name.json" ] && { echo "done: $name"; return; }
   echo "start: $name $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
-  $PY -m sb3_hanq.population --env DiscretePendulum-v1 --seeds "$SEEDS" --gradient-steps "$STEPS" \
+  $PY -m sb3_hanq.population --env "${ENV_ID:-DiscretePendulum-v1}" --seeds "$SEEDS" --gradient-steps "$STEPS" \
     --eval-freq 2000 --eval-episodes 10 --threads "$THREADS" --no-progress-bar --compile --out "$OUT/$name.json" "$@" \
     || { echo "failed: $name $(date -u +%FT%TZ)"; return 0; }
   echo "end: $name $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -63,3 +64,9 @@ SEEDS=5 run lr_grid_rest --algo hanq --learning-rate 1e-1 3.1623e-2 3.1623e-4 1e
 # 10. the per-(s, a) reading with the same-batch hypergradient
 run state_action_same --algo hanq --learning-rate $LR --hyper-lr 0.1 -params hyper_batch:same \
   metapredictor_outputs:state_action
+# 11. Table 1 on Acrobot-v1 and CartPole-v1 (10k transitions from standard resets per seed, §11): HANQ (kappa = 0.1)
+#     and DQN / DQN-LN with beta in {1, 10^-3}
+ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
+ENV_ID=Acrobot-v1 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
+ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
+ENV_ID=CartPole-v1 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"

@@ -4,9 +4,10 @@
 
 Reads every population results file (``python -m sb3_hanq.population ... --out X.json``) in the directories given
 (default: ``benchmarks/results/hanq_repro`` and the 30-seed run in ``benchmarks/results/population``), and writes
-``summary.md`` (one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's number where the
-paper has that configuration, the final learning rate and omega_scale^+) and ``curves.png`` (score and learning
-rate against gradient steps, mean with a 95% bootstrap band, as Figs. 3 and 6) into the first directory.
+``summary.md`` (per environment, one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's
+number where the paper has that configuration, the final learning rate and omega_scale^+) and ``curves*.png``
+(score and learning rate against gradient steps, mean with a 95% bootstrap band, as Figs. 3 and 6; see
+:func:`figures`) into the first directory.
 """
 
 from __future__ import annotations
@@ -23,30 +24,59 @@ from sb3_hanq.population.run import summarize
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DIRS = [ROOT / "results" / "hanq_repro", ROOT / "results" / "population"]
 
-#: The paper's Pendulum scores (HANQ paper, 30 seeds x 200k steps, best learning rate): (mean, CI low, CI high, where)
-PAPER = {
-    ("hanq", 0.1, "rg"): (100.1, 98.0, 102.2, "Table 1"),
-    ("hanq", 0.1, "sg"): (98.7, 95.9, 101.2, "Table 7"),
-    ("hanq", 0.0, "rg"): (79.2, 73.5, 84.1, "Table 4"),
-    ("hanq", 0.0, "sg"): (79.2, 73.5, 84.1, "Table 4"),
-    ("dqn-layer", 1.0): (40.1, 27.0, 53.6, "Table 1, beta = 1"),
-    ("dqn-none", 1.0): (30.0, 22.1, 37.0, "Table 1, beta = 1"),
-    ("dqn-l2", 1.0): (31.9, 20.1, 43.0, "Table 1, beta = 1"),
-    ("dqn-none", "best"): (72.4, 61.0, 82.5, "Table 1, best beta"),
-    ("dqn-layer", "best"): (83.0, 77.6, 87.9, "Table 1, best beta"),
-    ("dqn-l2", "best"): (86.1, 80.9, 91.0, "Table 1, best beta"),
-    # Table 8: hypergradient DQN (L_RG), beta tuned over {1, ..., 10^-3}
-    ("dqn-none", "kappa", 0.1): (53.3, 39.8, 66.6, "Table 8, best beta"),
-    ("dqn-none", "kappa", 0.01): (63.1, 49.6, 75.9, "Table 8, best beta"),
-    ("dqn-none", "kappa", 0.001): (65.5, 51.2, 80.7, "Table 8, best beta"),
-    # Tables 2 and 3: HANQ's ablations (kappa = 0.1, RG)
-    ("hanq", "no_scale"): (84.3, 78.2, 90.3, "Table 2, w/o omega_scale+"),
-    ("hanq", "no_bias"): (94.8, 88.4, 99.5, "Table 2, w/o omega_bias"),
-    ("hanq", "no_metapred"): (93.6, 88.9, 97.7, "Table 2, w/o metapred."),
-    ("hanq", "no_pred"): (43.5, 28.6, 56.7, "Table 2, w/o any pred."),
-    ("hanq", "symmetrized"): (39.2, 25.1, 54.0, "Table 2, symmetrized"),
-    ("hanq", "no_l2n"): (40.8, 27.7, 52.9, "Table 3, w/o l2N"),
-    ("hanq", "no_ln"): (34.9, 32.1, 37.7, "Table 3, w/o LN"),
+#: The paper's scores (HANQ paper, 30 seeds x 200k steps, best learning rate), per environment:
+#: key -> (mean, CI low, CI high, where)
+PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
+    "DiscretePendulum-v1": {
+        ("hanq", 0.1, "rg"): (100.1, 98.0, 102.2, "Table 1"),
+        ("hanq", 0.1, "sg"): (98.7, 95.9, 101.2, "Table 7"),
+        ("hanq", 0.0, "rg"): (79.2, 73.5, 84.1, "Table 4"),
+        ("hanq", 0.0, "sg"): (79.2, 73.5, 84.1, "Table 4"),
+        ("dqn-layer", 1.0): (40.1, 27.0, 53.6, "Table 1, beta = 1"),
+        ("dqn-none", 1.0): (30.0, 22.1, 37.0, "Table 1, beta = 1"),
+        ("dqn-l2", 1.0): (31.9, 20.1, 43.0, "Table 1, beta = 1"),
+        ("dqn-none", "best"): (72.4, 61.0, 82.5, "Table 1, best beta"),
+        ("dqn-layer", "best"): (83.0, 77.6, 87.9, "Table 1, best beta"),
+        ("dqn-l2", "best"): (86.1, 80.9, 91.0, "Table 1, best beta"),
+        # Table 8: hypergradient DQN (L_RG), beta tuned over {1, ..., 10^-3}
+        ("dqn-none", "kappa", 0.1): (53.3, 39.8, 66.6, "Table 8, best beta"),
+        ("dqn-none", "kappa", 0.01): (63.1, 49.6, 75.9, "Table 8, best beta"),
+        ("dqn-none", "kappa", 0.001): (65.5, 51.2, 80.7, "Table 8, best beta"),
+        # Tables 2 and 3: HANQ's ablations (kappa = 0.1, RG)
+        ("hanq", "no_scale"): (84.3, 78.2, 90.3, "Table 2, w/o omega_scale+"),
+        ("hanq", "no_bias"): (94.8, 88.4, 99.5, "Table 2, w/o omega_bias"),
+        ("hanq", "no_metapred"): (93.6, 88.9, 97.7, "Table 2, w/o metapred."),
+        ("hanq", "no_pred"): (43.5, 28.6, 56.7, "Table 2, w/o any pred."),
+        ("hanq", "symmetrized"): (39.2, 25.1, 54.0, "Table 2, symmetrized"),
+        ("hanq", "no_l2n"): (40.8, 27.7, 52.9, "Table 3, w/o l2N"),
+        ("hanq", "no_ln"): (34.9, 32.1, 37.7, "Table 3, w/o LN"),
+    },
+    "Acrobot-v1": {
+        ("hanq", 0.1, "rg"): (90.1, 88.0, 92.0, "Table 1"),
+        ("hanq", 0.1, "sg"): (87.8, 85.8, 89.6, "Table 7"),
+        ("dqn-none", 1.0): (67.9, 61.7, 73.2, "Table 1, beta = 1"),
+        ("dqn-layer", 1.0): (90.0, 87.9, 92.0, "Table 1, beta = 1"),
+        ("dqn-l2", 1.0): (80.0, 77.1, 82.4, "Table 1, beta = 1"),
+        ("dqn-none", "best"): (91.9, 90.3, 93.5, "Table 1, best beta"),
+        ("dqn-layer", "best"): (90.6, 89.0, 92.0, "Table 1, best beta"),
+        ("dqn-l2", "best"): (89.6, 87.3, 91.7, "Table 1, best beta"),
+        ("hanq", "no_scale"): (65.7, 50.7, 79.2, "Table 2, w/o omega_scale+"),
+        ("hanq", "no_bias"): (90.5, 88.7, 91.9, "Table 2, w/o omega_bias"),
+        ("hanq", "no_metapred"): (90.7, 88.0, 93.1, "Table 2, w/o metapred."),
+        ("hanq", "no_pred"): (91.7, 90.2, 93.2, "Table 2, w/o any pred."),
+        ("hanq", "symmetrized"): (93.6, 92.2, 94.7, "Table 2, symmetrized"),
+        ("hanq", "no_l2n"): (87.9, 81.3, 92.5, "Table 3, w/o l2N"),
+        ("hanq", "no_ln"): (25.0, 15.4, 34.4, "Table 3, w/o LN"),
+    },
+    "CartPole-v1": {
+        ("hanq", 0.1, "rg"): (24.0, 19.1, 30.2, "Table 1"),
+        ("dqn-none", 1.0): (41.1, 39.1, 43.6, "Table 1, beta = 1"),
+        ("dqn-layer", 1.0): (47.7, 45.3, 49.9, "Table 1, beta = 1"),
+        ("dqn-l2", 1.0): (36.5, 33.0, 40.3, "Table 1, beta = 1"),
+        ("dqn-none", "best"): (55.6, 51.3, 60.1, "Table 1, best beta"),
+        ("dqn-layer", "best"): (49.5, 47.8, 51.2, "Table 1, best beta"),
+        ("dqn-l2", "best"): (50.9, 43.7, 58.7, "Table 1, best beta"),
+    },
 }
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
@@ -85,7 +115,7 @@ def label(h: dict[str, Any], algo: str) -> str:
     return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch, {lr}"
 
 
-def paper_number(h: dict[str, Any], algo: str) -> str:
+def paper_number(h: dict[str, Any], algo: str, env_id: str) -> str:
     key: tuple[Any, ...]
     if algo == "dqn" and h["hyper_lr"] > 0:
         key = (f"dqn-{h['main_norm']}", "kappa", h["hyper_lr"])
@@ -95,9 +125,9 @@ def paper_number(h: dict[str, Any], algo: str) -> str:
         key = (algo, ablation(h)[0])  # type: ignore[index]
     else:
         key = (algo, h["hyper_lr"], h["hyper_objective"])
-    if key not in PAPER:
+    if key not in PAPER.get(env_id, {}):
         return "-"
-    mean, low, high, where = PAPER[key]
+    mean, low, high, where = PAPER[env_id][key]
     return f"{mean} [{low}, {high}] ({where})"
 
 
@@ -109,7 +139,7 @@ def load_members(dirs: list[Path]) -> list[tuple[str, dict[str, Any], dict[str, 
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or "members" not in data:
                 continue
-            if data["config"]["env_id"] != "DiscretePendulum-v1" or data["config"]["gradient_steps"] < 200_000:
+            if data["config"]["gradient_steps"] < 200_000:
                 continue
             for member in data["members"]:
                 out.append((path.name, data["config"], member))
@@ -128,38 +158,71 @@ def main(argv: list[str]) -> None:
     dirs = [Path(a) for a in argv] or DEFAULT_DIRS
     members = load_members(dirs)
     groups: dict[str, list[dict[str, Any]]] = {}
-    for name, _config, member in members:
-        key = f"{name}|{label(member['hyperparameters'], member['algorithm'])}"
+    for name, config, member in members:
+        key = f"{config['env_id']}|{name}|{label(member['hyperparameters'], member['algorithm'])}"
         groups.setdefault(key, []).append(member)
     lines = [
-        "**HANQ at the paper's scale (DiscretePendulum-v1, 200k gradient steps)**",
+        "**HANQ at the paper's scale (200k gradient steps)**",
         "",
         "Command: `bash benchmarks/hanq_repro.sh` (population trainer), then "
-        "`.venv/bin/python benchmarks/hanq_repro_report.py`. Every run: 1000 uniform-state transitions per seed "
-        "(§11), batch 128, evaluation every 2000 steps on 10 episodes, the score (Table 10) averaged over all "
-        "evaluations of a run (§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning "
-        "rate; rows here use the stated one. `frozen`: runs whose final learning rate is below 10^-6.",
-        "",
-        "| file | configuration | seeds | mean | IQM [95% CI] | paper [95% CI] | final lr (median) | frozen | "
-        "final omega_scale+ (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`.venv/bin/python benchmarks/hanq_repro_report.py`. Every run: the paper's datasets per seed (§11: 1000 "
+        "uniform-state transitions for Pendulum, 10k from standard resets for Acrobot and CartPole), batch 128, "
+        "evaluation every 2000 steps on 10 episodes, the score (Table 10) averaged over all evaluations of a run "
+        "(§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning rate (and beta for "
+        "DQN); rows here use the stated ones. `frozen`: runs whose final learning rate is below 10^-6.",
     ]
-    for key, group in groups.items():
-        name, text = key.split("|")
-        row = summarize(group, reps=2000)[0]
-        ci = f"{row['iqm']:.1f} [{row['ci'][0]:.1f}, {row['ci'][1]:.1f}]" if "iqm" in row else "-"
-        final_lr = np.array([m["final_learning_rate"] for m in group])
-        frozen = int((final_lr < 1e-6).sum())
-        scales = np.array([m["omega_scales"][-1] for m in group])
-        h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
-        lines.append(
-            f"| {name} | {text} | {row['n']} | {row['mean']:.1f} | {ci} | {paper_number(h, algo)} | "
-            f"{np.median(final_lr):.2g} | {frozen}/{len(group)} | {np.median(scales):.2f} |"
-        )
+    envs = sorted({key.split("|")[0] for key in groups}, key=lambda e: (e != "DiscretePendulum-v1", e))
+    for env_id in envs:
+        lines += [
+            "",
+            f"*{env_id}*",
+            "",
+            "| file | configuration | seeds | mean | IQM [95% CI] | paper [95% CI] | final lr (median) | frozen | "
+            "final omega_scale+ (median) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, group in groups.items():
+            env, name, text = key.split("|")
+            if env != env_id:
+                continue
+            row = summarize(group, reps=2000)[0]
+            ci = f"{row['iqm']:.1f} [{row['ci'][0]:.1f}, {row['ci'][1]:.1f}]" if "iqm" in row else "-"
+            final_lr = np.array([m["final_learning_rate"] for m in group])
+            frozen = int((final_lr < 1e-6).sum())
+            scales = np.array([m["omega_scales"][-1] for m in group])
+            h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
+            lines.append(
+                f"| {name} | {text} | {row['n']} | {row['mean']:.1f} | {ci} | {paper_number(h, algo, env)} | "
+                f"{np.median(final_lr):.2g} | {frozen}/{len(group)} | {np.median(scales):.2f} |"
+            )
     out_dir = dirs[0]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    for figure, title, keys in figures(groups):
+        plot_curves(out_dir / figure, title, {k: groups[k] for k in keys})
+        print(f"wrote {out_dir / figure}")
 
+
+def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, list[str]]]:
+    """Which configurations go in which PNG: Pendulum's HANQ readings (curves.png), its ablations (Tables 2, 3
+    and 7: curves_ablations.png), its DQN rows (Tables 1 and 8: curves_dqn.png), one file per other environment."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for key in groups:
+        env, name, _ = key.split("|")
+        if env != "DiscretePendulum-v1":
+            figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
+        elif name.startswith(("table2", "table3", "table7")):
+            figure, title = "curves_ablations.png", "DiscretePendulum-v1: ablations (Tables 2, 3, 7)"
+        elif name.startswith(("dqn", "table8")):
+            figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
+        else:
+            figure, title = "curves.png", "DiscretePendulum-v1: HANQ's readings"
+        out.setdefault(figure, (title, []))[1].append(key)
+    return [(figure, title, keys) for figure, (title, keys) in out.items()]
+
+
+def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]]) -> None:
+    """Score and learning rate against gradient steps, mean with a 95% bootstrap band (as Figs. 3 and 6)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,19 +233,19 @@ def main(argv: list[str]) -> None:
         steps = np.asarray(group[0]["eval_steps"])
         scores = np.array([m["scores"] for m in group])
         lrs = np.log10(np.maximum(np.array([m["learning_rates"] for m in group]), 1e-12))
-        text = key.split("|")[1] + f" ({len(group)} seeds)"
+        text = key.split("|")[2] + f" ({len(group)} seeds)"
         (line,) = ax_score.plot(steps, scores.mean(0), label=text)
         low, high = bootstrap_band(scores)
         ax_score.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
         ax_lr.plot(steps, lrs.mean(0), color=line.get_color())
         low, high = bootstrap_band(lrs)
         ax_lr.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-    ax_score.set(xlabel="gradient steps", ylabel="score (Table 10)", title="DiscretePendulum-v1, offline")
+    ax_score.set(xlabel="gradient steps", ylabel="score (Table 10)", title=title)
     ax_lr.set(xlabel="gradient steps", ylabel="log10 learning rate", title="learning rate (mean of log10)")
     ax_score.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out_dir / "curves.png", dpi=110)
-    print(f"wrote {out_dir / 'summary.md'} and {out_dir / 'curves.png'}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
