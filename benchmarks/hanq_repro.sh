@@ -70,3 +70,5 @@ ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
 ENV_ID=Acrobot-v1 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
 ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
 ENV_ID=CartPole-v1 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
+# 12. Fig. 7: HSSAQ (kappa = 10^-4, lr 10^-2.5), whose omega_scale rises past 1.3, then settles near 1.2
+run hssaq_fig7 --algo hssaq --learning-rate $LR

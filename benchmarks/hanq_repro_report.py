@@ -6,8 +6,8 @@ Reads every population results file (``python -m sb3_hanq.population ... --out X
 (default: ``benchmarks/results/hanq_repro`` and the 30-seed run in ``benchmarks/results/population``), and writes
 ``summary.md`` (per environment, one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's
 number where the paper has that configuration, the final learning rate and omega_scale^+) and ``curves*.png``
-(score and learning rate against gradient steps, mean with a 95% bootstrap band, as Figs. 3 and 6; see
-:func:`figures`) into the first directory.
+(score, learning rate and omega_scale^+ against gradient steps, mean with a 95% bootstrap band, as Figs. 3, 6
+and 7; see :func:`figures`) into the first directory.
 """
 
 from __future__ import annotations
@@ -222,13 +222,14 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
 
 
 def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]]) -> None:
-    """Score and learning rate against gradient steps, mean with a 95% bootstrap band (as Figs. 3 and 6)."""
+    """Score, learning rate and omega_scale^+ against gradient steps, mean with a 95% bootstrap band (as Figs. 3,
+    6 and 7)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_score, ax_lr) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_score, ax_lr, ax_scale) = plt.subplots(1, 3, figsize=(18, 4.8))
     for key, group in groups.items():
         steps = np.asarray(group[0]["eval_steps"])
         scores = np.array([m["scores"] for m in group])
@@ -240,8 +241,14 @@ def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]])
         ax_lr.plot(steps, lrs.mean(0), color=line.get_color())
         low, high = bootstrap_band(lrs)
         ax_lr.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        if "omega_scales" in group[0]:
+            scales = np.array([m["omega_scales"] for m in group])
+            ax_scale.plot(steps, scales.mean(0), color=line.get_color())
+            low, high = bootstrap_band(scales)
+            ax_scale.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
     ax_score.set(xlabel="gradient steps", ylabel="score (Table 10)", title=title)
     ax_lr.set(xlabel="gradient steps", ylabel="log10 learning rate", title="learning rate (mean of log10)")
+    ax_scale.set(xlabel="gradient steps", ylabel="omega_scale+", title="predictor scale (batch mean; 1 without one)")
     ax_score.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
