@@ -79,6 +79,24 @@ def test_pendulum_start_states_are_uniform(pendulum_data):
     assert not np.allclose(pendulum_data.next_observations[:-1], obs[1:], atol=1e-3)
 
 
+def test_pendulum_start_readings():
+    """``pendulum_start="reset"``: one transition from each standard reset (theta_dot ~ U[-1, 1]);
+    ``"episodes"``: random-action trajectories of 200 steps from standard resets; anything else is refused."""
+    reset = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="reset")
+    theta = np.arctan2(reset.observations[:, 1], reset.observations[:, 0])
+    assert _ks_uniform(theta, -np.pi, np.pi) < 0.062
+    assert _ks_uniform(reset.observations[:, 2], -1.0, 1.0) < 0.062
+    assert not np.allclose(reset.next_observations[:-1], reset.observations[1:], atol=1e-3)
+    episodes = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="episodes")
+    chained = np.isclose(episodes.next_observations[:-1], episodes.observations[1:], atol=1e-6).all(axis=1)
+    assert np.flatnonzero(~chained).tolist() == [199, 399, 599, 799]  # a new episode every 200 steps
+    starts = episodes.observations[[0, 200, 400, 600, 800], 2]
+    assert (np.abs(starts) <= 1.0).all()
+    assert np.abs(episodes.observations[:, 2]).max() > 1.0  # the trajectories leave the reset's speeds
+    with pytest.raises(ValueError, match="pendulum_start"):
+        collect_dataset("DiscretePendulum-v1", 10, pendulum_start="full")
+
+
 def test_pendulum_actions_are_uniform(pendulum_data):
     counts = np.bincount(pendulum_data.actions, minlength=3)
     assert counts.sum() == 1000 and (counts > 280).all() and (counts < 390).all(), counts

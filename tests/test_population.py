@@ -419,3 +419,23 @@ def test_compiled_step_equals_eager(dataset):
             assert th.allclose(a, b, rtol=1e-3, atol=1e-5), (a - b).abs().max()
         assert th.allclose(g_eager.learning_rates, g_compiled.learning_rates, rtol=1e-3)
     assert not th.allclose(eager.per_member("learning_rates"), th.full((4,), 10**-2.5, dtype=th.float64))
+
+
+def test_pendulum_start_is_part_of_the_run(tmp_path):
+    """The dataset's reading reaches every seed's dataset, is recorded, and a different one is refused on resume;
+    files written before the option existed read as the default ("uniform")."""
+    trainer = PopulationTrainer(ENV, make_members("dqn", [0, 1]), n_samples=200, device="cpu", pendulum_start="reset")
+    speeds = trainer.data[0][..., 2].abs()
+    assert speeds.max() <= 1.0 and speeds.shape == (2, 200)
+    out = tmp_path / "run.json"
+    kwargs = dict(gradient_steps=4, eval_freq=2, eval_episodes=1, n_samples=50, out=out, verbose=0)
+    train_population("dqn", ENV, [0], pendulum_start="reset", **kwargs)
+    saved = json.loads(out.read_text())
+    assert saved["config"]["pendulum_start"] == "reset"
+    with pytest.raises(ValueError, match="pendulum_start"):
+        train_population("dqn", ENV, [0], pendulum_start="uniform", **kwargs)
+    del saved["config"]["pendulum_start"]
+    out.write_text(json.dumps(saved))
+    assert train_population("dqn", ENV, [0], **kwargs)["members"] == saved["members"]
+    with pytest.raises(ValueError, match="pendulum_start"):
+        PopulationTrainer(ENV, make_members("dqn", [0]), n_samples=50, device="cpu", pendulum_start="full")

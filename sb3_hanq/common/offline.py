@@ -277,21 +277,33 @@ class OfflineDataset:
         return cls(env_id=env_id, **arrays)
 
 
+#: Readings of the Pendulum dataset (see :func:`collect_dataset`).
+PENDULUM_STARTS = ("uniform", "reset", "episodes")
+
+
 def collect_dataset(
     env_id: str,
     n_samples: int,
     seed: int | None = None,
     env_kwargs: dict[str, Any] | None = None,
+    pendulum_start: str = "uniform",
 ) -> OfflineDataset:
     """Collect ``n_samples`` transitions with uniformly random actions (HANQ paper §3.1, §11).
 
     - **Pendulum** (``DiscretePendulum-v1`` and ``Pendulum-v1``): "1000 samples of state-action pairs,
-      using uniformly sampled initial states" (§11, after Xiao et al., 2022). We read this as one
-      independent start state per transition: each transition starts from
-      ``theta ~ U[-pi, pi)``, ``theta_dot ~ U[-max_speed, max_speed]`` (``max_speed = 8``), drawn by the
-      environment's own ``reset(options={"x_init": pi, "y_init": max_speed})``, followed by one random
-      step, so the samples cover the whole state space. ``terminations`` are all 0 (Pendulum never
-      terminates).
+      using uniformly sampled initial states" (§11, after Xiao et al., 2022; §3.1 says "using a uniformly
+      sampled initial state"). Three readings (``pendulum_start``):
+
+      - ``"uniform"`` (default): one independent start state per transition, ``theta ~ U[-pi, pi)``,
+        ``theta_dot ~ U[-max_speed, max_speed]`` (``max_speed = 8``), drawn by the environment's own
+        ``reset(options={"x_init": pi, "y_init": max_speed})``, then one random step: the samples cover the
+        whole state space (§11 contrasts these states with CartPole's and Acrobot's "standard initial states");
+      - ``"reset"``: one transition from each of ``n_samples`` standard resets (Pendulum's own reset is uniform,
+        over ``theta_dot ~ U[-1, 1]``);
+      - ``"episodes"``: random-action episodes from standard resets (§3.1's singular "a uniformly sampled
+        initial state"), as for the other environments below.
+
+      ``terminations`` are all 0 (Pendulum never terminates).
     - **Any other environment** (CartPole, Acrobot: 10k samples; Atari: 100k, §11): standard resets,
       random-action episodes, reset when an episode terminates or is truncated. On truncation the stored
       ``next_observations`` row is the real final observation and ``terminations`` is 0.
@@ -300,9 +312,12 @@ def collect_dataset(
     :param n_samples: Number of transitions.
     :param seed: Seeds the environment and the action sampling; the same seed gives the same dataset.
     :param env_kwargs: Extra keyword arguments for ``gym.make``.
+    :param pendulum_start: the Pendulum reading, one of :data:`PENDULUM_STARTS` (ignored by other environments)
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if pendulum_start not in PENDULUM_STARTS:
+        raise ValueError(f"Invalid pendulum_start={pendulum_start!r}: expected one of {PENDULUM_STARTS}")
     register_envs()
     env = gym.make(env_id, **(env_kwargs or {}))
     try:
@@ -320,10 +335,12 @@ def collect_dataset(
         terminations = np.zeros(n_samples, dtype=np.float32)
 
         pendulum = env.unwrapped if isinstance(env.unwrapped, PendulumEnv) else None
-        if pendulum is not None:
-            uniform_state = {"x_init": np.pi, "y_init": float(pendulum.max_speed)}
+        if pendulum is not None and pendulum_start != "episodes":
+            uniform_state = (
+                {"x_init": np.pi, "y_init": float(pendulum.max_speed)} if pendulum_start == "uniform" else None
+            )
             for i in range(n_samples):
-                # A fresh uniform start state per transition (also resets the TimeLimit counter).
+                # A fresh start state per transition (also resets the TimeLimit counter).
                 obs, _ = env.reset(seed=seed if i == 0 else None, options=uniform_state)
                 action = env.action_space.sample()
                 next_obs, reward, terminated, _, _ = env.step(action)

@@ -17,6 +17,7 @@ import ast
 import sys
 from typing import Any
 
+from sb3_hanq.common.offline import PENDULUM_STARTS
 from sb3_hanq.population.envs import BATCHED_ENV_IDS
 from sb3_hanq.population.run import train_population
 from sb3_hanq.population.trainer import ALGORITHMS, GROUP_PARAMS
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the minibatch indices")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", help="results JSON (a .md summary and a checkpoint go beside it)")
+    parser.add_argument(
+        "--pendulum-start",
+        default="uniform",
+        choices=list(PENDULUM_STARTS),
+        help="how Pendulum's dataset is collected (see sb3_hanq.offline.collect_dataset)",
+    )
     parser.add_argument("--no-progress-bar", action="store_true")
     parser.add_argument(
         "--compile",
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             progress_bar=not args.no_progress_bar,
             seed=args.seed,
             compile=args.compile,
+            pendulum_start=args.pendulum_start,
         )
     except (ValueError, TypeError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)

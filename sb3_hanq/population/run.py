@@ -35,6 +35,7 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(config))
     if "member_params" not in saved:  # (written before the resolved settings were recorded)
         keys.remove("member_params")
+    saved = {"pendulum_start": "uniform", **saved}  # (written before the dataset readings existed)
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
 
 
@@ -116,6 +117,7 @@ def train_population(
     seed: int = 0,
     verbose: int = 1,
     compile: bool = False,
+    pendulum_start: str = "uniform",
 ) -> dict[str, Any]:
     """Train the grid ``seeds x learning_rate x hyper_lr x tau x gamma x hyper_objective x params`` offline on
     ``env_id`` as one batched population, evaluating every member every ``eval_freq`` gradient steps.
@@ -128,6 +130,7 @@ def train_population(
     :param compile: :func:`torch.compile` the members' forward and backward passes (see
         :class:`~sb3_hanq.population.PopulationTrainer`); not part of the run's arguments, so a run may be
         resumed with or without it
+    :param pendulum_start: the Pendulum dataset's reading (:func:`~sb3_hanq.common.offline.collect_dataset`)
     :return: the results (what the JSON holds): ``config``, ``members`` (per member: algorithm, hyperparameters,
         seed, evaluation steps, scores, the score averaged over evaluations, learning rates, final learning
         rate, ``diverged_at_step``), ``summary``, timing and machine
@@ -156,6 +159,7 @@ def train_population(
         n_samples=n_samples,
         target_update_interval=target_update_interval,
         seed=seed,
+        pendulum_start=pendulum_start,
         # the structural settings after defaults: a run resumed after a default changed is refused, not mixed
         member_params=sorted({json.dumps(dict(m.params), sort_keys=True) for m in members}),
     )
@@ -190,6 +194,7 @@ def train_population(
         device=device,
         seed=seed,
         compile=compile,
+        pendulum_start=pendulum_start,
     )
     elapsed_before = 0.0
     if ckpt is not None and ckpt.exists():

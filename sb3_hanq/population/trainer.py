@@ -39,7 +39,13 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from sb3_hanq.common.envs import register_envs
-from sb3_hanq.common.offline import OfflineDataset, collect_dataset, normalized_score, validate_dataset
+from sb3_hanq.common.offline import (
+    PENDULUM_STARTS,
+    OfflineDataset,
+    collect_dataset,
+    normalized_score,
+    validate_dataset,
+)
 from sb3_hanq.common.optimizers import LR_PARAMETERIZATIONS, adam_directions, adam_moments_, hyper_adam_update
 from sb3_hanq.common.optimizers import learning_rate as adapted_learning_rate
 from sb3_hanq.common.q_learning import (
@@ -626,6 +632,8 @@ class PopulationTrainer:
         :func:`torch.compile`, which fuses the elementwise work. The same math to float rounding (tested);
         measured 1.3x faster at M = 30 and 1.8x at M = 300 on 2 CPU cores (``benchmarks/speed_population.py``),
         at the price of about 20 s of compilation on the first step
+    :param pendulum_start: how the Pendulum datasets are collected, one of
+        :data:`~sb3_hanq.common.offline.PENDULUM_STARTS` (see :func:`~sb3_hanq.common.offline.collect_dataset`)
     """
 
     def __init__(
@@ -641,6 +649,7 @@ class PopulationTrainer:
         device: th.device | str = "auto",
         seed: int = 0,
         compile: bool = False,
+        pendulum_start: str = "uniform",
     ) -> None:
         if env_id not in BATCHED_ENV_IDS:
             raise ValueError(f"Invalid env_id={env_id!r}: expected one of {BATCHED_ENV_IDS}")
@@ -655,6 +664,8 @@ class PopulationTrainer:
             raise ValueError("members: expected at least one member")
         if not isinstance(compile, bool):
             raise TypeError(f"Invalid compile={compile!r}: expected a bool")
+        if pendulum_start not in PENDULUM_STARTS:
+            raise ValueError(f"Invalid pendulum_start={pendulum_start!r}: expected one of {PENDULUM_STARTS}")
         register_envs()
         self.env_id = env_id
         self.members = list(members)
@@ -687,7 +698,11 @@ class PopulationTrainer:
         given = datasets or {}
         data: list[OfflineDataset] = []
         for s in self.seeds:
-            dataset = given[s] if s in given else collect_dataset(env_id, self.n_samples, seed=s)
+            dataset = (
+                given[s]
+                if s in given
+                else collect_dataset(env_id, self.n_samples, seed=s, pendulum_start=pendulum_start)
+            )
             validate_dataset(dataset, self.observation_space, self.action_space)
             if len(dataset) != len(data[0].rewards if data else dataset.rewards):
                 raise ValueError("datasets: every seed's dataset must have the same number of transitions")
