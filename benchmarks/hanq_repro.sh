@@ -48,6 +48,13 @@ SEEDS=5 run per_state_lr_grid_next --algo hanq --learning-rate 1e-2 1e-3 --hyper
 run dqn_pendulum --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
 # 5. Table 7: the semi-gradient hyperobjective L_SG (HANQ's defaults otherwise; L_RG is run 1's kappa = 0.1 half)
 run table7_sg --algo hanq --learning-rate $LR --hyper-objective sg
+# 5b. the Pendulum dataset's other readings (collect_dataset's pendulum_start; "uniform" everywhere else): one
+#     transition from each standard reset (theta_dot in [-1, 1]), and random-action episodes from standard resets;
+#     HANQ with and without the hypergradient, DQN with beta = 10^-3 and 1; 5 seeds each
+SEEDS=5 run reset_hanq --algo hanq --learning-rate $LR --hyper-lr 0 0.1 --pendulum-start reset
+SEEDS=5 run reset_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-start reset
+SEEDS=5 run episodes_hanq --algo hanq --learning-rate $LR --hyper-lr 0 0.1 --pendulum-start episodes
+SEEDS=5 run episodes_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-start episodes
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise)
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar
 run table2_no_pred --algo hanq --learning-rate $LR -params predictor:none
