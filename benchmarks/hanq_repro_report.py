@@ -7,7 +7,8 @@ Reads every population results file (``python -m sb3_hanq.population ... --out X
 ``summary.md`` (per environment, one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's
 number where the paper has that configuration, the final learning rate and omega_scale^+) and ``curves*.png``
 (score, learning rate and omega_scale^+ against gradient steps, mean with a 95% bootstrap band, as Figs. 3, 6
-and 7; see :func:`figures`) into the first directory.
+and 7; see :func:`figures`) into the first directory. Runs on another reading of the Pendulum dataset
+(``--pendulum-start``) say so in their configuration's name.
 """
 
 from __future__ import annotations
@@ -159,7 +160,10 @@ def main(argv: list[str]) -> None:
     members = load_members(dirs)
     groups: dict[str, list[dict[str, Any]]] = {}
     for name, config, member in members:
-        key = f"{config['env_id']}|{name}|{label(member['hyperparameters'], member['algorithm'])}"
+        text = label(member["hyperparameters"], member["algorithm"])
+        if config.get("pendulum_start", "uniform") != "uniform":
+            text += f", data: {config['pendulum_start']}"
+        key = f"{config['env_id']}|{name}|{text}"
         groups.setdefault(key, []).append(member)
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
@@ -213,6 +217,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
             figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
         elif name.startswith(("table2", "table3", "table7")):
             figure, title = "curves_ablations.png", "DiscretePendulum-v1: ablations (Tables 2, 3, 7)"
+        elif name.startswith(("reset", "episodes")):
+            figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's other readings"
         elif name.startswith(("dqn", "table8")):
             figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
         else:
