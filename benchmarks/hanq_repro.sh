@@ -55,6 +55,9 @@ SEEDS=5 run reset_hanq --algo hanq --learning-rate $LR --hyper-lr 0 0.1 --pendul
 SEEDS=5 run reset_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-start reset
 SEEDS=5 run episodes_hanq --algo hanq --learning-rate $LR --hyper-lr 0 0.1 --pendulum-start episodes
 SEEDS=5 run episodes_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-start episodes
+# 5c. the "episodes" reading at 10 seeds (at 5 seeds it gave the paper's ordering): HANQ and DQN with beta = 10^-3
+run episodes10_hanq --algo hanq --learning-rate $LR --pendulum-start episodes
+run episodes10_dqn --algo dqn --learning-rate $LR --tau 1e-3 --pendulum-start episodes
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise)
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar
 run table2_no_pred --algo hanq --learning-rate $LR -params predictor:none
