@@ -630,8 +630,8 @@ class PopulationTrainer:
     :param seed: seeds the minibatch indices of the run (members' datasets and weights follow their own seeds)
     :param compile: run every group's forward and backward pass (:meth:`_Group._loss_terms`) through
         :func:`torch.compile`, which fuses the elementwise work. The same math to float rounding (tested);
-        measured 1.3x faster at M = 30 and 1.8x at M = 300 on 2 CPU cores (``benchmarks/speed_population.py``),
-        at the price of about 20 s of compilation on the first step
+        measured 1.5-2.6x faster than eager (1.6x at M = 30 and 300) on 2 CPU cores
+        (``benchmarks/results/speed_population.md``), at the price of 5-25 s of compilation on the first step
     :param pendulum_start: how the Pendulum datasets are collected, one of
         :data:`~sb3_hanq.common.offline.PENDULUM_STARTS` (see :func:`~sb3_hanq.common.offline.collect_dataset`)
     """
