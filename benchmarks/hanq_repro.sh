@@ -58,22 +58,31 @@ SEEDS=5 run episodes_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-
 # 5c. the "episodes" reading at 10 seeds (at 5 seeds it gave the paper's ordering): HANQ and DQN with beta = 10^-3
 run episodes10_hanq --algo hanq --learning-rate $LR --pendulum-start episodes
 run episodes10_dqn --algo dqn --learning-rate $LR --tau 1e-3 --pendulum-start episodes
-# 6. Table 2 (predictor ablations, HANQ's defaults otherwise)
-run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar
-run table2_no_pred --algo hanq --learning-rate $LR -params predictor:none
-run table2_symmetrized --algo hanq --learning-rate $LR -params symmetric:True
-run table2_no_scale --algo hanq --learning-rate $LR -params positive_scale:False
-run table2_no_bias --algo hanq --learning-rate $LR -params predictor_bias:False
-# 7. Table 3 (normalisation ablations)
-run table3_no_l2n --algo hanq --learning-rate $LR -params meta_norm:none
-run table3_no_ln --algo hanq --learning-rate $LR -params main_norm:none
-# 8. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; kappa = 0 is run 4's DQN
-run table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3
-# 9. the rest of the paper's learning-rate grid {10^-1, ..., 10^-4} for HANQ's defaults, 5 seeds each
-SEEDS=5 run lr_grid_rest --algo hanq --learning-rate 1e-1 3.1623e-2 3.1623e-4 1e-4
-# 10. the per-(s, a) reading with the same-batch hypergradient
-run state_action_same --algo hanq --learning-rate $LR --hyper-lr 0.1 -params hyper_batch:same \
-  metapredictor_outputs:state_action
+# --- The "episodes" reading (HANQ's default since it gave the paper's ordering at 10 seeds): the paper's tables --
+E="--pendulum-start episodes"
+U="--pendulum-start uniform"
+# E1. Table 1's DQN cells: DQN with beta = 1 (beta = 10^-3 is episodes10_dqn), DQN-LN and DQN-l2N with beta in {1, 10^-3}
+run ep_dqn_beta1 --algo dqn --learning-rate $LR --tau 1 $E
+run ep_dqn_norms --algo dqn --learning-rate $LR --tau 1 1e-3 $E -params "main_norm:['layer','l2']"
+# E2. Table 4's first column: HANQ without the hypergradient (kappa = 0)
+run ep_kappa0 --algo hanq --learning-rate $LR --hyper-lr 0 $E
+# E3. Table 2 (predictor ablations, HANQ's defaults otherwise)
+run ep_table2_no_pred --algo hanq --learning-rate $LR $E -params predictor:none
+run ep_table2_no_metapred --algo hanq --learning-rate $LR $E -params predictor:scalar
+run ep_table2_no_scale --algo hanq --learning-rate $LR $E -params positive_scale:False
+run ep_table2_symmetrized --algo hanq --learning-rate $LR $E -params symmetric:True
+run ep_table2_no_bias --algo hanq --learning-rate $LR $E -params predictor_bias:False
+# E4. Table 3 (normalisation ablations) and Table 7 (the semi-gradient hyperobjective)
+run ep_table3_no_l2n --algo hanq --learning-rate $LR $E -params meta_norm:none
+run ep_table3_no_ln --algo hanq --learning-rate $LR $E -params main_norm:none
+run ep_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg $E
+# E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
+SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
+# E6. the learning-rate grid {10^-1, ..., 10^-4} for HANQ (10^-2.5 is episodes10_hanq), and DQN's beta grid; 5 seeds
+SEEDS=5 run ep_lr_grid --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 $E
+SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E
+# E7. HANQ's defaults at the paper's 30 seeds
+SEEDS=30 run ep_hanq30 --algo hanq --learning-rate $LR $E
 # 11. Table 1 on Acrobot-v1 and CartPole-v1 (10k transitions from standard resets per seed, §11): HANQ (kappa = 0.1)
 #     and DQN / DQN-LN with beta in {1, 10^-3}
 ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
@@ -81,4 +90,21 @@ ENV_ID=Acrobot-v1 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -p
 ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
 ENV_ID=CartPole-v1 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
 # 12. Fig. 7: HSSAQ (kappa = 10^-4, lr 10^-2.5), whose omega_scale rises past 1.3, then settles near 1.2
-run hssaq_fig7 --algo hssaq --learning-rate $LR
+run hssaq_fig7 --algo hssaq --learning-rate $LR $E
+# --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
+# 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
+run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
+run table2_no_pred --algo hanq --learning-rate $LR -params predictor:none $U
+run table2_symmetrized --algo hanq --learning-rate $LR -params symmetric:True $U
+run table2_no_scale --algo hanq --learning-rate $LR -params positive_scale:False $U
+run table2_no_bias --algo hanq --learning-rate $LR -params predictor_bias:False $U
+# 7. Table 3 (normalisation ablations)
+run table3_no_l2n --algo hanq --learning-rate $LR -params meta_norm:none $U
+run table3_no_ln --algo hanq --learning-rate $LR -params main_norm:none $U
+# 8. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; kappa = 0 is run 4's DQN
+run table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $U
+# 9. the rest of the paper's learning-rate grid {10^-1, ..., 10^-4} for HANQ's defaults, 5 seeds each
+SEEDS=5 run lr_grid_rest --algo hanq --learning-rate 1e-1 3.1623e-2 3.1623e-4 1e-4 $U
+# 10. the per-(s, a) reading with the same-batch hypergradient
+run state_action_same --algo hanq --learning-rate $LR --hyper-lr 0.1 $U -params hyper_batch:same \
+  metapredictor_outputs:state_action
