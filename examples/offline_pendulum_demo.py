@@ -1,6 +1,7 @@
 """The main job (`make demo`): HANQ vs SB3's DQN, offline, on discrete Pendulum (HANQ paper §3.1, §11).
 
-1. collect the paper's dataset: 1000 transitions, each from a uniformly drawn state, uniform actions;
+1. collect the paper's dataset: 1000 transitions of uniformly random actions, in 200-step episodes from
+   Pendulum's own (uniform-angle) resets (``collect_dataset``'s default reading, issue #14);
 2. train HANQ (no target network, metapredictor, LayerNorm / l2 norm, hypergradient Adam) and SB3's DQN
    (Polyak target beta = 1e-3, the paper's best DQN setting, §3.1) for the same number of gradient steps;
 3. evaluate both every ``--eval-freq`` gradient steps on 10 episodes and print the paper's normalised
@@ -56,7 +57,7 @@ def main() -> None:
 
     dataset = collect_dataset(ENV_ID, 1000, seed=args.seed)
     dataset.save(args.out / "discrete_pendulum_1000.npz")
-    print(f"Collected {len(dataset)} transitions from uniformly drawn states -> {args.out}/discrete_pendulum_1000.npz")
+    print(f"Collected {len(dataset)} random-action transitions -> {args.out}/discrete_pendulum_1000.npz")
 
     curves = {}
     for name, model in make_models(args.seed).items():

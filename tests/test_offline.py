@@ -63,9 +63,11 @@ def test_pendulum_dataset_layout(pendulum_data):
     np.testing.assert_allclose(d.observations[:, 0] ** 2 + d.observations[:, 1] ** 2, 1.0, atol=1e-5)
 
 
-def test_pendulum_start_states_are_uniform(pendulum_data):
-    """One independent uniform start state per transition (§11): theta ~ U[-pi, pi), theta_dot ~ U[-8, 8]."""
-    obs = pendulum_data.observations
+def test_pendulum_start_states_are_uniform():
+    """``pendulum_start="uniform"``: one independent uniform start state per transition (§11),
+    theta ~ U[-pi, pi), theta_dot ~ U[-8, 8]."""
+    uniform = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="uniform")
+    obs = uniform.observations
     theta = np.arctan2(obs[:, 1], obs[:, 0])
     theta_dot = obs[:, 2]
     # KS critical value at alpha = 0.001 for n = 1000 is 1.95 / sqrt(1000) ~ 0.062
@@ -76,12 +78,13 @@ def test_pendulum_start_states_are_uniform(pendulum_data):
     quadrants = np.histogram2d(obs[:, 0], obs[:, 1], bins=[[-1, 0, 1], [-1, 0, 1]])[0]
     assert (quadrants > 200).all(), quadrants
     # consecutive rows are independent starts, not one trajectory
-    assert not np.allclose(pendulum_data.next_observations[:-1], obs[1:], atol=1e-3)
+    assert not np.allclose(uniform.next_observations[:-1], obs[1:], atol=1e-3)
 
 
-def test_pendulum_start_readings():
+def test_pendulum_start_readings(pendulum_data):
     """``pendulum_start="reset"``: one transition from each standard reset (theta_dot ~ U[-1, 1]);
-    ``"episodes"``: random-action trajectories of 200 steps from standard resets; anything else is refused."""
+    ``"episodes"`` (the default): random-action trajectories of 200 steps from standard resets; anything else is
+    refused."""
     reset = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="reset")
     theta = np.arctan2(reset.observations[:, 1], reset.observations[:, 0])
     assert _ks_uniform(theta, -np.pi, np.pi) < 0.062
@@ -93,6 +96,8 @@ def test_pendulum_start_readings():
     starts = episodes.observations[[0, 200, 400, 600, 800], 2]
     assert (np.abs(starts) <= 1.0).all()
     assert np.abs(episodes.observations[:, 2]).max() > 1.0  # the trajectories leave the reset's speeds
+    for name in ("observations", "actions", "rewards", "next_observations", "terminations"):
+        np.testing.assert_array_equal(getattr(pendulum_data, name), getattr(episodes, name), err_msg=name)
     with pytest.raises(ValueError, match="pendulum_start"):
         collect_dataset("DiscretePendulum-v1", 10, pendulum_start="full")
 

@@ -75,7 +75,7 @@ def test_from_minari_reads_a_hand_built_dataset(minari):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_uniform_state_pendulum_data_is_refused_or_one_step_episodes(minari):
-    data = collect_dataset("DiscretePendulum-v1", 40, seed=0)
+    data = collect_dataset("DiscretePendulum-v1", 40, seed=0, pendulum_start="uniform")
     assert len(data.episode_ends()) == 40  # every transition starts from its own uniformly drawn state
     with pytest.raises(ValueError, match="has no episodes.*one_step_episodes=True"):
         data.to_minari("sb3hanq/pendulum/uniform-v0")
@@ -85,6 +85,16 @@ def test_uniform_state_pendulum_data_is_refused_or_one_step_episodes(minari):
     loaded = OfflineDataset.from_minari(minari.load_dataset("sb3hanq/pendulum/uniform-v0"))
     _assert_same(loaded, data)
     assert isinstance(gym.make(loaded.env_id).action_space, gym.spaces.Discrete)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_default_pendulum_data_has_episodes_for_minari(minari):
+    """The default ("episodes") Pendulum data: 200-step random-action episodes, stored without one_step_episodes."""
+    data = collect_dataset("DiscretePendulum-v1", 400, seed=0)
+    stored = data.to_minari("sb3hanq/pendulum/episodes-v0")
+    assert stored.total_episodes == 2 and stored.total_steps == 400
+    assert all(len(ep.actions) == 200 and ep.truncations[-1] for ep in stored.iterate_episodes())
+    _assert_same(OfflineDataset.from_minari(minari.load_dataset("sb3hanq/pendulum/episodes-v0")), data)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -34,7 +34,11 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def dataset():
-    return collect_dataset(ENV, 300, seed=0)
+    # "uniform": the equality tests compare 200-step trajectories, and any trajectory can meet a ReLU kink that
+    # float rounding puts on different sides for the two implementations. Measured with the default ("episodes")
+    # data of seed 0 (HANQ, kappa = 0.1, SG): equal to 7e-7 for 88 steps; at step 89 one first-layer
+    # pre-activation is 1.2e-7 in SB3 and 0.0 in the population, and the weights part by 4e-4 from then on.
+    return collect_dataset(ENV, 300, seed=0, pendulum_start="uniform")
 
 
 def train_alone(model, dataset, monkeypatch, steps=STEPS):
@@ -423,7 +427,8 @@ def test_compiled_step_equals_eager(dataset):
 
 def test_pendulum_start_is_part_of_the_run(tmp_path):
     """The dataset's reading reaches every seed's dataset, is recorded, and a different one is refused on resume;
-    files written before the option existed read as the default ("uniform")."""
+    files written before the option existed read as "uniform" (the default then), so the new default ("episodes")
+    is refused on them rather than mixing two datasets."""
     trainer = PopulationTrainer(ENV, make_members("dqn", [0, 1]), n_samples=200, device="cpu", pendulum_start="reset")
     speeds = trainer.data[0][..., 2].abs()
     assert speeds.max() <= 1.0 and speeds.shape == (2, 200)
@@ -436,6 +441,8 @@ def test_pendulum_start_is_part_of_the_run(tmp_path):
         train_population("dqn", ENV, [0], pendulum_start="uniform", **kwargs)
     del saved["config"]["pendulum_start"]
     out.write_text(json.dumps(saved))
-    assert train_population("dqn", ENV, [0], **kwargs)["members"] == saved["members"]
+    with pytest.raises(ValueError, match="pendulum_start: 'uniform' \\(saved\\) vs 'episodes' \\(now\\)"):
+        train_population("dqn", ENV, [0], **kwargs)
+    assert train_population("dqn", ENV, [0], pendulum_start="uniform", **kwargs)["members"] == saved["members"]
     with pytest.raises(ValueError, match="pendulum_start"):
         PopulationTrainer(ENV, make_members("dqn", [0]), n_samples=50, device="cpu", pendulum_start="full")

@@ -187,8 +187,9 @@ class OfflineDataset:
         ``env=self.env_id``.
 
         Data without episodes, where no transition starts from the previous one's next observation (the
-        uniform-state Pendulum data of :func:`collect_dataset`: one fresh start state per transition), is refused
-        unless ``one_step_episodes=True``, which stores each transition as a one-step truncated episode.
+        ``"uniform"`` and ``"reset"`` Pendulum readings of :func:`collect_dataset`: one fresh start state per
+        transition), is refused unless ``one_step_episodes=True``, which stores each transition as a one-step
+        truncated episode.
 
         :param dataset_id: Minari id, ``(namespace/)(env_name/)dataset_name-v<version>``.
         :param one_step_episodes: Accept data without episodes as one-step episodes.
@@ -210,8 +211,8 @@ class OfflineDataset:
         if len(self) > 1 and (lengths == 1).all() and not self.terminations.all() and not one_step_episodes:
             raise ValueError(
                 "this dataset has no episodes: no transition starts from the previous one's next observation (as in "
-                "collect_dataset's uniform-state Pendulum data, one fresh start state per transition), so Minari "
-                "episodes cannot be rebuilt; pass one_step_episodes=True to store each transition as a one-step "
+                "collect_dataset's 'uniform' or 'reset' Pendulum data, one fresh start state per transition), so "
+                "Minari episodes cannot be rebuilt; pass one_step_episodes=True to store each transition as a one-step "
                 "truncated episode"
             )
         buffers = []
@@ -286,7 +287,7 @@ def collect_dataset(
     n_samples: int,
     seed: int | None = None,
     env_kwargs: dict[str, Any] | None = None,
-    pendulum_start: str = "uniform",
+    pendulum_start: str = "episodes",
 ) -> OfflineDataset:
     """Collect ``n_samples`` transitions with uniformly random actions (HANQ paper §3.1, §11).
 
@@ -294,14 +295,19 @@ def collect_dataset(
       using uniformly sampled initial states" (§11, after Xiao et al., 2022; §3.1 says "using a uniformly
       sampled initial state"). Three readings (``pendulum_start``):
 
-      - ``"uniform"`` (default): one independent start state per transition, ``theta ~ U[-pi, pi)``,
+      - ``"episodes"`` (default): random-action episodes from standard resets (§3.1's singular "a uniformly
+        sampled initial state"; Pendulum's reset draws ``theta ~ U[-pi, pi)``, ``theta_dot ~ U[-1, 1]``), as for
+        the other environments below;
+      - ``"uniform"``: one independent start state per transition, ``theta ~ U[-pi, pi)``,
         ``theta_dot ~ U[-max_speed, max_speed]`` (``max_speed = 8``), drawn by the environment's own
         ``reset(options={"x_init": pi, "y_init": max_speed})``, then one random step: the samples cover the
         whole state space (§11 contrasts these states with CartPole's and Acrobot's "standard initial states");
-      - ``"reset"``: one transition from each of ``n_samples`` standard resets (Pendulum's own reset is uniform,
-        over ``theta_dot ~ U[-1, 1]``);
-      - ``"episodes"``: random-action episodes from standard resets (§3.1's singular "a uniformly sampled
-        initial state"), as for the other environments below.
+      - ``"reset"``: one transition from each of ``n_samples`` standard resets.
+
+      Only ``"episodes"`` gives the paper's ordering (population trainer, 200k gradient steps, lr 10^-2.5,
+      10 seeds, ``benchmarks/results/hanq_repro/``): HANQ 85.0 against DQN (β = 10^-3) 46.8, where the paper
+      has 100.1 and 72.4 (Table 1). Under ``"uniform"`` DQN scores 100.1 and HANQ 73.1, and under ``"reset"``
+      HANQ 37.5 and DQN 17.2 (5 seeds). (``"uniform"`` was the default until issue #14 settled it.)
 
       ``terminations`` are all 0 (Pendulum never terminates).
     - **Any other environment** (CartPole, Acrobot: 10k samples; Atari: 100k, §11): standard resets,

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="results JSON (a .md summary and a checkpoint go beside it)")
     parser.add_argument(
         "--pendulum-start",
-        default="uniform",
+        default="episodes",
         choices=list(PENDULUM_STARTS),
         help="how Pendulum's dataset is collected (see sb3_hanq.offline.collect_dataset)",
     )

@@ -117,7 +117,7 @@ def train_population(
     seed: int = 0,
     verbose: int = 1,
     compile: bool = False,
-    pendulum_start: str = "uniform",
+    pendulum_start: str = "episodes",
 ) -> dict[str, Any]:
     """Train the grid ``seeds x learning_rate x hyper_lr x tau x gamma x hyper_objective x params`` offline on
     ``env_id`` as one batched population, evaluating every member every ``eval_freq`` gradient steps.

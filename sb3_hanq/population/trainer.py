@@ -649,7 +649,7 @@ class PopulationTrainer:
         device: th.device | str = "auto",
         seed: int = 0,
         compile: bool = False,
-        pendulum_start: str = "uniform",
+        pendulum_start: str = "episodes",
     ) -> None:
         if env_id not in BATCHED_ENV_IDS:
             raise ValueError(f"Invalid env_id={env_id!r}: expected one of {BATCHED_ENV_IDS}")
