@@ -72,15 +72,18 @@ run ep_table2_no_metapred --algo hanq --learning-rate $LR $E -params predictor:s
 run ep_table2_no_scale --algo hanq --learning-rate $LR $E -params positive_scale:False
 run ep_table2_symmetrized --algo hanq --learning-rate $LR $E -params symmetric:True
 run ep_table2_no_bias --algo hanq --learning-rate $LR $E -params predictor_bias:False
+# E3b. the other readings under this data: the per-(s, a) metapredictor, and Alg. 2's same-minibatch hypergradient
+run ep_state_action --algo hanq --learning-rate $LR $E -params metapredictor_outputs:state_action
+run ep_same --algo hanq --learning-rate $LR $E -params hyper_batch:same
 # E4. Table 3 (normalisation ablations) and Table 7 (the semi-gradient hyperobjective)
 run ep_table3_no_l2n --algo hanq --learning-rate $LR $E -params meta_norm:none
 run ep_table3_no_ln --algo hanq --learning-rate $LR $E -params main_norm:none
 run ep_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg $E
-# E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
-SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
 # E6. the learning-rate grid {10^-1, ..., 10^-4} for HANQ (10^-2.5 is episodes10_hanq), and DQN's beta grid; 5 seeds
 SEEDS=5 run ep_lr_grid --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 $E
 SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E
+# E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
+SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
 # E7. HANQ's defaults at the paper's 30 seeds
 SEEDS=30 run ep_hanq30 --algo hanq --learning-rate $LR $E
 # 11. Table 1 on Acrobot-v1 and CartPole-v1 (10k transitions from standard resets per seed, §11): HANQ (kappa = 0.1)
