@@ -389,6 +389,25 @@ def test_per_state_metapredictor():
     assert HANQ("MlpPolicy", "CartPole-v1").policy_kwargs["metapredictor_outputs"] == "state"  # the default
 
 
+def test_policy_saved_before_metapredictor_outputs_loads_as_trained(tmp_path):
+    """``HANQPolicy.load`` of a policy file without metapredictor_outputs (saved before the option existed)
+    rebuilds the per-(s, a) head and its weights; a file that has the key keeps it."""
+    from sb3_hanq.hanq.policies import HANQPolicy
+
+    model = HANQ("MlpPolicy", "CartPole-v1", policy_kwargs=dict(metapredictor_outputs="state_action"), seed=0)
+    model.policy.save(tmp_path / "policy.pth")
+    saved = th.load(tmp_path / "policy.pth", weights_only=False)
+    del saved["data"]["metapredictor_outputs"]  # what the older code stored
+    th.save(saved, tmp_path / "old_policy.pth")
+    loaded = HANQPolicy.load(tmp_path / "old_policy.pth", device="cpu")
+    assert loaded.q_net.meta_head.out_features == 4 and loaded.q_net.metapredictor_outputs == "state_action"
+    obs = th.randn(5, 4)
+    with th.no_grad():
+        th.testing.assert_close(loaded.q_net(obs), model.policy.q_net(obs))
+    HANQ("MlpPolicy", "CartPole-v1", seed=0).policy.save(tmp_path / "new_policy.pth")
+    assert HANQPolicy.load(tmp_path / "new_policy.pth", device="cpu").q_net.meta_head.out_features == 2
+
+
 def test_file_saved_before_metapredictor_outputs_loads_as_trained(tmp_path):
     """A file whose policy_kwargs lack metapredictor_outputs (saved before the option, when the head was per
     (s, a)) loads with the per-(s, a) head and its weights, not with today's per-state default."""

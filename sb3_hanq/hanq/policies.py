@@ -15,6 +15,8 @@ the greedy policy use Q_theta.
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any
 
 import torch as th
@@ -28,6 +30,7 @@ from stable_baselines3.common.torch_layers import (
     create_mlp,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.utils import get_device
 from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
@@ -273,6 +276,19 @@ class HANQPolicy(DQNPolicy):
         data.update(self.hanq_kwargs)
         data.update(symmetric=self.symmetric, target_network=self.target_network)
         return data
+
+    @classmethod
+    def load(cls, path: str | Path | io.BufferedIOBase, device: th.device | str = "auto") -> HANQPolicy:
+        """SB3's :meth:`BasePolicy.load`. A file saved before ``metapredictor_outputs`` existed (its constructor
+        data lacks the key) was trained with the per-(s, a) head, the default then, and loads with it, as
+        :meth:`HANQ.load` does for whole models."""
+        device = get_device(device)
+        saved = th.load(path, map_location=device, weights_only=False)  # type: ignore[arg-type]
+        saved["data"].setdefault("metapredictor_outputs", "state_action")
+        model = cls(**saved["data"])
+        model.load_state_dict(saved["state_dict"])
+        model.to(device)
+        return model
 
 
 MlpPolicy = HANQPolicy
