@@ -8,7 +8,7 @@ configurations through ``python -m sb3_hanq.population`` (``dqn`` with SB3's Hub
 at 10, beta = 10^-3; ``hanq`` defaults). Same seeds (hence the same datasets and initial weights), learning
 rate 10^-2.5, batch 128, evaluation every ``--eval-freq`` steps on 10 episodes; the evaluation episodes'
 start states and the minibatch indices differ between the paths. Each path's runs are skipped when its
-results file exists. Writes ``benchmarks/results/population/agreement.md``.
+results file exists. Writes ``benchmarks/results/population/agreement_<seeds>x<steps>k[_<reading>].md``.
 """
 
 from __future__ import annotations
@@ -42,22 +42,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--gradient-steps", type=int, default=20_000)
     parser.add_argument("--eval-freq", type=int, default=1_000)
+    parser.add_argument(
+        "--pendulum-start",
+        default="uniform",
+        choices=["uniform", "reset", "episodes"],
+        help="the dataset's reading for both paths (the committed tables used 'uniform')",
+    )
+    parser.add_argument("--compile", action="store_true", help="pass --compile to the population trainer")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     scale = f"{args.seeds}x{args.gradient_steps // 1000}k"
+    scale += "" if args.pendulum_start == "uniform" else f"_{args.pendulum_start}"  # (the committed files' names)
     tag = f"population/sb3_path_{scale}"
     sb3_file = RESULTS.parent / f"{tag}.json"
     if not sb3_file.exists():
         cmd = [sys.executable, str(Path(__file__).parent / "hanq_pendulum.py"), "--seeds", str(args.seeds)]
         cmd += ["--gradient-steps", str(args.gradient_steps), "--eval-freq", str(args.eval_freq), "--workers", "2"]
-        cmd += ["--configs", *CONFIGS, "--tag", tag]
+        cmd += ["--configs", *CONFIGS, "--tag", tag, "--pendulum-start", args.pendulum_start]
         subprocess.run(cmd, check=True)
     sb3_runs = json.loads(sb3_file.read_text())["runs"]
     lines = [
         f"DiscretePendulum-v1, {args.seeds} seeds x {args.gradient_steps} gradient steps, evaluation every "
         f"{args.eval_freq} steps on 10 episodes, learning rate 10^-2.5, batch 128; score averaged over evaluations.  ",
         f"Command: `python benchmarks/population_agreement.py --seeds {args.seeds} --gradient-steps "
-        f"{args.gradient_steps} --eval-freq {args.eval_freq}`",
+        f"{args.gradient_steps} --eval-freq {args.eval_freq} --pendulum-start {args.pendulum_start}`",
         "",
         "| configuration | SB3 path: mean, IQM [95% CI] | population: mean, IQM [95% CI] | CIs overlap | "
         "population wall time |",
@@ -68,7 +76,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "sb3_hanq.population", *cli, "--env", "DiscretePendulum-v1"]
         cmd += ["--seeds", str(args.seeds), "--gradient-steps", str(args.gradient_steps), "--eval-freq"]
         cmd += [str(args.eval_freq), "--eval-episodes", "10", "--learning-rate", str(10**-2.5), "--out", str(out)]
-        cmd += ["--no-progress-bar"]
+        cmd += ["--no-progress-bar", "--pendulum-start", args.pendulum_start] + (["--compile"] if args.compile else [])
         subprocess.run(cmd, check=True)
         population = json.loads(out.read_text())
         a = np.array([r["average_score"] for r in sb3_runs if r["name"] == name])
