@@ -82,6 +82,9 @@ run ep_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg $E
 # E6. the learning-rate grid {10^-1, ..., 10^-4} for HANQ (10^-2.5 is episodes10_hanq), and DQN's beta grid; 5 seeds
 SEEDS=5 run ep_lr_grid --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 $E
 SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E
+# E6b. Table 4: the metapredictor's and the main network's normalisations, without the hypergradient; 5 seeds
+SEEDS=5 run ep_table4 --algo hanq --learning-rate $LR --hyper-lr 0 $E \
+  -params "meta_norm:['l2','layer','none']" "main_norm:['layer','l2','none']"
 # E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
 SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
 # E7. HANQ's defaults at the paper's 30 seeds
@@ -90,6 +93,12 @@ SEEDS=30 run ep_hanq30 --algo hanq --learning-rate $LR $E
 #     and DQN / DQN-LN with beta in {1, 10^-3}
 ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
 ENV_ID=Acrobot-v1 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
+#     Tables 2, 3 and 7 on Acrobot
+ENV_ID=Acrobot-v1 run acrobot_table2_no_pred --algo hanq --learning-rate $LR -params predictor:none
+ENV_ID=Acrobot-v1 run acrobot_table2_no_scale --algo hanq --learning-rate $LR -params positive_scale:False
+ENV_ID=Acrobot-v1 run acrobot_table2_symmetrized --algo hanq --learning-rate $LR -params symmetric:True
+ENV_ID=Acrobot-v1 run acrobot_table3_no_ln --algo hanq --learning-rate $LR -params main_norm:none
+ENV_ID=Acrobot-v1 run acrobot_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg
 ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
 ENV_ID=CartPole-v1 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
 # 12. Fig. 7: HSSAQ (kappa = 10^-4, lr 10^-2.5), whose omega_scale rises past 1.3, then settles near 1.2
