@@ -167,17 +167,17 @@ CONTINUOUS_TINY = {
 @pytest.mark.parametrize("cls", [CrossQWN, PreQN], ids=lambda c: c.__name__)
 def test_continuous_algorithms_detect_a_non_finite_critic_loss_from_huge_rewards(cls):
     """Item 7: rewards x 1e30 make the squared TD error infinite at the first step: a NonFiniteLossError naming
-    the algorithm, the loss, the step and the reward scale (not the learning rate); the step's update is not
-    applied (CrossQWN's batch-norm running statistics did see the batch: they are updated by the forward pass)."""
+    the algorithm, the loss, the step and the reward scale (not the learning rate); the model is restored,
+    CrossQWN's batch-norm running statistics (updated by the failing forward pass) included."""
     model = _filled(cls, "Pendulum-v1", **CONTINUOUS_TINY[cls])
     model.replay_buffer.rewards *= 1e30
-    before = {k: v.clone() for k, v in model.policy.named_parameters()}
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     with pytest.raises(
         NonFiniteLossError, match=rf"{cls.__name__}: non-finite critic loss.* at gradient step 1\b"
     ) as err:
         model.train(gradient_steps=3, batch_size=16)
     assert "rewards of magnitude" in str(err.value) and "learning_rate" not in str(err.value)
-    for key, value in model.policy.named_parameters():
+    for key, value in model.policy.state_dict().items():
         assert th.equal(value, before[key]), key
 
 
@@ -196,8 +196,56 @@ def test_continuous_algorithms_detect_non_finite_parameters(cls):
         return result
 
     model.actor.optimizer.step = poisoning_step
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match=rf"{cls.__name__}: non-finite .*gradient step 2.*learning_rate"):
         model.train(gradient_steps=5, batch_size=16)
+    for key, value in model.policy.state_dict().items():  # the poisoned weights were not kept
+        assert th.equal(value, weights[key]), key
+
+
+def _optimizer_states(model) -> list[dict]:
+    optimizers = [
+        model.actor.optimizer,
+        getattr(model.critic, "optimizer", None),
+        getattr(model, "ent_coef_optimizer", None),
+    ]
+    return [copy.deepcopy(opt.state_dict()) for opt in optimizers if opt is not None]
+
+
+def _assert_same_optimizer_states(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["param_groups"] == y["param_groups"]
+        assert x["state"].keys() == y["state"].keys()
+        for index, state in x["state"].items():
+            for name, value in state.items():
+                assert th.equal(th.as_tensor(y["state"][index][name]), th.as_tensor(value)), name
+
+
+@pytest.mark.parametrize("cls", [CrossQWN, PreQN], ids=lambda c: c.__name__)
+def test_continuous_divergence_error_leaves_the_model_as_before_the_call(cls):
+    """Item 8 for the continuous algorithms: one NaN reward, drawn after some applied steps of a call, makes
+    the error restore weights, batch-norm statistics, target critic, optimiser states, temperature, the update
+    counter and PreQN's rejected-step count to their values at the start of the call."""
+    model = _filled(cls, "Pendulum-v1", **CONTINUOUS_TINY[cls])
+    model.train(gradient_steps=1, batch_size=16)  # a finite first step: the optimisers now have state
+    model.replay_buffer.rewards[7] = np.nan  # drawn with probability 1 - (63/64)^16 ~ 0.22 per step
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    optimizers = _optimizer_states(model)
+    temperature = None if getattr(model, "log_ent_coef", None) is None else model.log_ent_coef.detach().clone()
+    rejected = getattr(model, "rejected_steps", None)
+    with pytest.raises(NonFiniteLossError, match=r"restored to its state before gradient step 2 \(the start") as err:
+        model.train(gradient_steps=200, batch_size=16)
+    assert "at gradient step 2 " not in str(err.value)  # the failing step came later: applied steps were undone
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, weights[key]), key
+    _assert_same_optimizer_states(_optimizer_states(model), optimizers)
+    if temperature is not None:
+        assert th.equal(model.log_ent_coef.detach(), temperature)
+    assert model._n_updates == 1 and getattr(model, "rejected_steps", None) == rejected
+    model.replay_buffer.rewards[7] = 0.0  # training goes on from the restored state
+    model.train(gradient_steps=3, batch_size=16)
+    assert model._n_updates == 4
 
 
 @pytest.mark.parametrize("cls", [HANQ, SSAQ])

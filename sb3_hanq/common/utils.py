@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -260,6 +261,33 @@ def cached_snapshot(
         snapshot = TrainingSnapshot(modules, optimizers, tensors)
         owner._training_snapshot = snapshot
     return snapshot
+
+
+@contextmanager
+def restored_on_divergence(
+    model: Any,
+    modules: list[th.nn.Module],
+    optimizers: list[th.optim.Optimizer],
+    tensors: list[th.Tensor] | None = None,
+    attributes: Iterable[str] = ("_n_updates",),
+) -> Iterator[None]:
+    """Run a ``train()`` call so that a :class:`NonFiniteLossError` raised inside it leaves ``model`` as it was at
+    the start of the call: the modules' parameters and buffers (batch-norm statistics, target networks), the
+    optimisers' states and learning rates, the extra ``tensors`` and the named integer ``attributes`` (issue #15,
+    item 8); the error's message says so. A snapshot (:func:`cached_snapshot`) is taken on entry."""
+    snapshot = cached_snapshot(model, modules, optimizers, tensors)
+    snapshot.take()
+    saved = {name: getattr(model, name) for name in attributes}
+    try:
+        yield
+    except NonFiniteLossError as error:
+        snapshot.restore()
+        for name, value in saved.items():
+            setattr(model, name, value)
+        step = saved.get("_n_updates")
+        where = f"before gradient step {step + 1} " if step is not None else ""
+        error.args = (f"{error.args[0]} The model was restored to its state {where}(the start of this train() call).",)
+        raise
 
 
 def load_with_completed_policy_kwargs(

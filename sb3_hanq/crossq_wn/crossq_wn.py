@@ -32,6 +32,7 @@ from sb3_hanq.common.utils import (
     check_positive_lr,
     divergence_hint,
     load_with_completed_policy_kwargs,
+    restored_on_divergence,
 )
 from sb3_hanq.common.weight_norm import PROJECTION_MODES, dense_weight_norm
 from sb3_hanq.crossq_wn.policies import CrossQWNPolicy, MlpPolicy
@@ -247,12 +248,10 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         return super().load(path, *args, **kwargs)
 
     def _check_finite(self, name: str, value: float, replay_data: Any) -> None:
-        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause, raised before the
-        update of that loss is applied: the model holds the parameters the previous step left (finite or not, as
-        the message says); batch-norm running statistics have seen this step's batch (the forward pass)."""
+        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause (:meth:`train`
+        then restores the model to its state at the start of the call)."""
         if math.isfinite(value):
             return
-        params_finite = self._parameters_finite()
         hint = divergence_hint(
             rewards=replay_data.rewards,
             observations=replay_data.observations,
@@ -260,10 +259,8 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
             gamma=self.gamma,
             learning_rate_hint="the step size is the likely cause: try a lower learning_rate",
         )
-        state = "finite" if params_finite else "already non-finite (from the previous step)"
         raise NonFiniteLossError(
-            f"{type(self).__name__}: non-finite {name} {value} at gradient step {self._n_updates}; {hint}. "
-            f"This step's update was not applied; the parameters are {state}."
+            f"{type(self).__name__}: non-finite {name} {value} at gradient step {self._n_updates}; {hint}."
         )
 
     def _parameters_finite(self) -> bool:
@@ -279,12 +276,20 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
         self.critic_target = self.policy.critic_target
 
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
-        # Switch to train mode (this affects batch norm / dropout); the target critic stays in eval mode
-        # except for its batch normalisation during its joint forward pass below.
-        self.policy.set_training_mode(True)
+        """CrossQ's update with weight normalisation for ``gradient_steps`` minibatches. A :class:`NonFiniteLossError`
+        leaves the model (actor, critics, target critic, batch-norm statistics, optimisers, temperature) as it was
+        at the start of the call."""
         optimizers = [self.actor.optimizer, self.critic.optimizer]
         if self.ent_coef_optimizer is not None:
             optimizers += [self.ent_coef_optimizer]
+        tensors = [self.log_ent_coef] if self.log_ent_coef is not None else []
+        with restored_on_divergence(self, [self.policy], optimizers, tensors):
+            self._train(gradient_steps, batch_size, optimizers)
+
+    def _train(self, gradient_steps: int, batch_size: int, optimizers: list[th.optim.Optimizer]) -> None:
+        # Switch to train mode (this affects batch norm / dropout); the target critic stays in eval mode
+        # except for its batch normalisation during its joint forward pass below.
+        self.policy.set_training_mode(True)
         self._update_learning_rate(optimizers)  # sets the rate of both parameter groups
 
         ent_coef_losses, ent_coefs = [], []
@@ -378,13 +383,12 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
                 raise
             raise NonFiniteLossError(
                 f"{type(self).__name__}: non-finite parameters at gradient step {self._n_updates}, left by the "
-                "previous step's update (finite losses); the step size is the likely cause: try a lower learning_rate. "
-                "The model holds those parameters."
+                "previous step's update (finite losses); the step size is the likely cause: try a lower learning_rate."
             ) from error
         if not self._parameters_finite():  # the last step's update (its loss was finite)
             raise NonFiniteLossError(
                 f"{type(self).__name__}: non-finite parameters after gradient step {self._n_updates} (finite losses); "
-                "the step size is the likely cause: try a lower learning_rate. The model holds those parameters."
+                "the step size is the likely cause: try a lower learning_rate."
             )
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/ent_coef", np.mean(ent_coefs))
@@ -415,4 +419,4 @@ class CrossQWN(SupportedActionSpacesMixin, CrossQ):
 
     def _excluded_save_params(self) -> list[str]:
         # The target critic is saved inside the policy's state dict.
-        return [*super()._excluded_save_params(), "critic_target"]
+        return [*super()._excluded_save_params(), "critic_target", "_training_snapshot"]

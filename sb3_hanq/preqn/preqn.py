@@ -35,6 +35,7 @@ from sb3_hanq.common.utils import (
     check_positive_int,
     check_positive_lr,
     divergence_hint,
+    restored_on_divergence,
 )
 from sb3_hanq.preqn.policies import CnnPolicy, MlpPolicy, MultiInputPolicy, PreQNPolicy
 
@@ -245,8 +246,15 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         self._q_function = QFunction(self.critic)
 
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:
+        """Alg. 1 for ``gradient_steps`` minibatches. A :class:`NonFiniteLossError` leaves the model (actor, critic,
+        the actor's optimiser, ``rejected_steps``) as it was at the start of the call."""
         if gradient_steps <= 0:
             return
+        attributes = ("_n_updates", "rejected_steps")
+        with restored_on_divergence(self, [self.policy], [self.actor.optimizer], attributes=attributes):
+            self._train(gradient_steps, batch_size)
+
+    def _train(self, gradient_steps: int, batch_size: int) -> None:
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer])
         q_function = self._q_function
@@ -312,7 +320,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         if not self._parameters_finite():  # the last step's update (its losses were finite)
             raise NonFiniteLossError(
                 f"{type(self).__name__}: non-finite parameters after gradient step {self._n_updates} (finite losses); "
-                "the actor's learning_rate is the likely cause: try a lower one. The model holds those parameters."
+                "the actor's learning_rate is the likely cause: try a lower one."
             )
         row_ratio, diagonal, critic_loss_mean, actor_loss_mean = th.stack(step_stats).mean(dim=0).tolist()
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
@@ -326,10 +334,8 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         self.logger.record("train/actor_loss", actor_loss_mean)
 
     def _raise_non_finite(self, name: str, value: th.Tensor, data: Any) -> None:
-        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause, raised before the
-        step of that loss is applied: the model holds the parameters the previous step left (finite or not, as
-        the message says)."""
-        state = "finite" if self._parameters_finite() else "already non-finite (from the previous step)"
+        """:class:`NonFiniteLossError` naming the loss, the gradient step and the likely cause (:meth:`train` then
+        restores the model to its state at the start of the call)."""
         hint = divergence_hint(
             rewards=data.rewards,
             observations=data.observations,
@@ -340,8 +346,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
         )
         raise NonFiniteLossError(
             f"{type(self).__name__}: non-finite {name} {float(value)} at gradient step {self._n_updates} "
-            f"(critic_step_size={self.critic_step_size}); {hint}. This step was not applied; the parameters are "
-            f"{state}."
+            f"(critic_step_size={self.critic_step_size}); {hint}."
         )
 
     def _parameters_finite(self) -> bool:
@@ -391,7 +396,7 @@ class PreQN(SupportedActionSpacesMixin, TD3):
 
     def _excluded_save_params(self) -> list[str]:
         # _q_function only refers to the critic, which is saved inside the policy.
-        return [*super()._excluded_save_params(), "_q_function"]
+        return [*super()._excluded_save_params(), "_q_function", "_training_snapshot"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "actor.optimizer"], []  # the critic has no optimiser
