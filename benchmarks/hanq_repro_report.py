@@ -7,8 +7,8 @@ Reads every population results file (``python -m sb3_hanq.population ... --out X
 ``summary.md`` (per environment, one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's
 number where the paper has that configuration, the final learning rate and omega_scale^+) and ``curves*.png``
 (score, learning rate and omega_scale^+ against gradient steps, mean with a 95% bootstrap band, as Figs. 3, 6
-and 7; see :func:`figures`) into the first directory. Runs on another reading of the Pendulum dataset
-(``--pendulum-start``) say so in their configuration's name.
+and 7; see :func:`figures`) into the first directory. Pendulum's rows are grouped by the dataset's reading
+(``--pendulum-start``; "episodes", the default, first).
 """
 
 from __future__ import annotations
@@ -31,8 +31,16 @@ PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
     "DiscretePendulum-v1": {
         ("hanq", 0.1, "rg"): (100.1, 98.0, 102.2, "Table 1"),
         ("hanq", 0.1, "sg"): (98.7, 95.9, 101.2, "Table 7"),
-        ("hanq", 0.0, "rg"): (79.2, 73.5, 84.1, "Table 4"),
-        ("hanq", 0.0, "sg"): (79.2, 73.5, 84.1, "Table 4"),
+        # Table 4: kappa = 0, (metapredictor's, main network's) normalisation; (l2, layer) is HANQ's
+        ("hanq", "table4", "l2", "layer"): (79.2, 73.5, 84.1, "Table 4"),
+        ("hanq", "table4", "layer", "l2"): (18.9, 15.4, 22.4, "Table 4"),
+        ("hanq", "table4", "l2", "l2"): (8.2, 4.9, 11.2, "Table 4"),
+        ("hanq", "table4", "layer", "layer"): (14.0, 11.2, 16.9, "Table 4"),
+        ("hanq", "table4", "none", "l2"): (45.9, 40.5, 51.1, "Table 4"),
+        ("hanq", "table4", "none", "layer"): (28.4, 24.3, 32.3, "Table 4"),
+        ("hanq", "table4", "l2", "none"): (24.5, 21.7, 27.5, "Table 4"),
+        ("hanq", "table4", "layer", "none"): (11.6, 9.1, 14.1, "Table 4"),
+        ("hanq", "table4", "none", "none"): (9.2, 4.7, 14.6, "Table 4"),
         ("dqn-layer", 1.0): (40.1, 27.0, 53.6, "Table 1, beta = 1"),
         ("dqn-none", 1.0): (30.0, 22.1, 37.0, "Table 1, beta = 1"),
         ("dqn-l2", 1.0): (31.9, 20.1, 43.0, "Table 1, beta = 1"),
@@ -92,12 +100,25 @@ ABLATIONS = (
 )
 
 
+NORM_NAMES = {"l2": "l2N", "layer": "LN", "none": "-"}
+
+
 def ablation(h: dict[str, Any]) -> tuple[str, str] | None:
-    """(key, name) of the Table 2/3 ablation a HANQ configuration is, if any."""
+    """(key, name) of the Table 2/3 ablation a HANQ configuration is, if any (Table 4's normalisation pairs, at
+    kappa = 0, are not ablations: see :func:`table4`)."""
     for flag, value, key, name in ABLATIONS:
+        if flag in ("meta_norm", "main_norm") and h["hyper_lr"] == 0:
+            continue
         if h.get(flag) == value:
             return key, name
     return None
+
+
+def table4(h: dict[str, Any]) -> tuple[str, str] | None:
+    """(metapredictor's, main network's) normalisation of a kappa = 0 HANQ configuration (Table 4's columns)."""
+    if h["hyper_lr"] != 0 or ablation(h) is not None:
+        return None
+    return h.get("meta_norm", "l2"), h.get("main_norm", "layer")
 
 
 def label(h: dict[str, Any], algo: str) -> str:
@@ -111,7 +132,9 @@ def label(h: dict[str, Any], algo: str) -> str:
         return f"{algo.upper()} {ablation(h)[1]}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()}, {lr}"  # type: ignore[index]
     head = "per state" if h.get("metapredictor_outputs") == "state" else "per (s, a)"
     if h["hyper_lr"] == 0:
-        return f"{algo.upper()} {head}, kappa 0, {lr}"
+        norms = table4(h)
+        pair = "" if norms in (None, ("l2", "layer")) else f", norms {NORM_NAMES[norms[0]]} {NORM_NAMES[norms[1]]}"  # type: ignore[index]
+        return f"{algo.upper()} {head}, kappa 0{pair}, {lr}"
     batch = h.get("hyper_batch", "next")
     return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch, {lr}"
 
@@ -124,6 +147,8 @@ def paper_number(h: dict[str, Any], algo: str, env_id: str) -> str:
         key = (f"dqn-{h['main_norm']}", h["tau"] if h["tau"] == 1.0 else "best")
     elif ablation(h) is not None:
         key = (algo, ablation(h)[0])  # type: ignore[index]
+    elif table4(h) is not None:
+        key = (algo, "table4", *table4(h))  # type: ignore[misc]
     else:
         key = (algo, h["hyper_lr"], h["hyper_objective"])
     if key not in PAPER.get(env_id, {}):
@@ -161,21 +186,27 @@ def main(argv: list[str]) -> None:
     groups: dict[str, list[dict[str, Any]]] = {}
     for name, config, member in members:
         text = label(member["hyperparameters"], member["algorithm"])
-        if config.get("pendulum_start", "uniform") != "uniform":
-            text += f", data: {config['pendulum_start']}"
-        key = f"{config['env_id']}|{name}|{text}"
+        env = config["env_id"]
+        if env == "DiscretePendulum-v1":  # (files written before the option existed used "uniform")
+            env += f", data: {config.get('pendulum_start', 'uniform')}"
+        key = f"{env}|{name}|{text}"
         groups.setdefault(key, []).append(member)
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
         "",
         "Command: `bash benchmarks/hanq_repro.sh` (population trainer), then "
         "`.venv/bin/python benchmarks/hanq_repro_report.py`. Every run: the paper's datasets per seed (§11: 1000 "
-        "uniform-state transitions for Pendulum, 10k from standard resets for Acrobot and CartPole), batch 128, "
+        "random-action transitions for Pendulum, under the reading each section names (`collect_dataset`'s "
+        '`pendulum_start`; "episodes" is the default), 10k from standard resets for Acrobot and CartPole), batch 128, '
         "evaluation every 2000 steps on 10 episodes, the score (Table 10) averaged over all evaluations of a run "
         "(§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning rate (and beta for "
         "DQN); rows here use the stated ones. `frozen`: runs whose final learning rate is below 10^-6.",
     ]
-    envs = sorted({key.split("|")[0] for key in groups}, key=lambda e: (e != "DiscretePendulum-v1", e))
+    order = ["episodes", "uniform", "reset"]
+    envs = sorted(
+        {key.split("|")[0] for key in groups},
+        key=lambda e: (not e.startswith("DiscretePendulum"), order.index(e.split(": ")[1]) if ": " in e else 0, e),
+    )
     for env_id in envs:
         lines += [
             "",
@@ -195,34 +226,53 @@ def main(argv: list[str]) -> None:
             frozen = int((final_lr < 1e-6).sum())
             scales = np.array([m["omega_scales"][-1] for m in group])
             h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
+            paper = paper_number(h, algo, env.split(",")[0])
             lines.append(
-                f"| {name} | {text} | {row['n']} | {row['mean']:.1f} | {ci} | {paper_number(h, algo, env)} | "
+                f"| {name} | {text} | {row['n']} | {row['mean']:.1f} | {ci} | {paper} | "
                 f"{np.median(final_lr):.2g} | {frozen}/{len(group)} | {np.median(scales):.2f} |"
             )
     out_dir = dirs[0]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    for figure, title, keys in figures(groups):
+    written = figures(groups)
+    for stale in set(out_dir.glob("curves*.png")) - {out_dir / figure for figure, _, _ in written}:
+        stale.unlink()  # a figure whose runs moved elsewhere
+    for figure, title, keys in written:
         plot_curves(out_dir / figure, title, {k: groups[k] for k in keys})
         print(f"wrote {out_dir / figure}")
 
 
 def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, list[str]]]:
-    """Which configurations go in which PNG: Pendulum's HANQ readings (curves.png), its ablations (Tables 2, 3
-    and 7: curves_ablations.png), its DQN rows (Tables 1 and 8: curves_dqn.png), one file per other environment."""
+    """Which configurations go in which PNG. Pendulum under the default ("episodes") reading: HANQ's readings and
+    the 30-seed run (curves.png), the ablations of Tables 2, 3 and 7 (curves_ablations.png), Table 4's
+    normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
+    (curves_lr.png); the first 5-seed runs of the "reset" and "episodes" readings (curves_datasets.png); the
+    "uniform" reading's runs (curves_uniform{,_ablations,_dqn}.png); one file per other environment."""
     out: dict[str, tuple[str, list[str]]] = {}
     for key in groups:
         env, name, _ = key.split("|")
-        if env != "DiscretePendulum-v1":
+        if not env.startswith("DiscretePendulum"):
             figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
+        elif name.startswith(("reset", "episodes_")):
+            figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5 seeds)"
+        elif env.endswith("episodes"):
+            kind = name.removeprefix("ep_").removeprefix("episodes10_")
+            if kind.startswith(("table2", "table3", "table7")):
+                figure, title = "curves_ablations.png", "DiscretePendulum-v1: ablations (Tables 2, 3, 7)"
+            elif kind.startswith("table4"):
+                figure, title = "curves_table4.png", "DiscretePendulum-v1: normalisations, kappa = 0 (Table 4)"
+            elif kind.startswith(("dqn", "table8")):
+                figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
+            elif kind.startswith("lr_grid"):
+                figure, title = "curves_lr.png", "DiscretePendulum-v1: HANQ's learning rates"
+            else:
+                figure, title = "curves.png", "DiscretePendulum-v1: HANQ's readings"
         elif name.startswith(("table2", "table3", "table7")):
-            figure, title = "curves_ablations.png", "DiscretePendulum-v1: ablations (Tables 2, 3, 7)"
-        elif name.startswith(("reset", "episodes")):
-            figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's other readings"
+            figure, title = "curves_uniform_ablations.png", "DiscretePendulum-v1, data: uniform: ablations"
         elif name.startswith(("dqn", "table8")):
-            figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
+            figure, title = "curves_uniform_dqn.png", "DiscretePendulum-v1, data: uniform: DQN"
         else:
-            figure, title = "curves.png", "DiscretePendulum-v1: HANQ's readings"
+            figure, title = "curves_uniform.png", "DiscretePendulum-v1, data: uniform: HANQ's readings"
         out.setdefault(figure, (title, []))[1].append(key)
     return [(figure, title, keys) for figure, (title, keys) in out.items()]
 
