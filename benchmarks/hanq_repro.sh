@@ -79,6 +79,8 @@ run ep_same --algo hanq --learning-rate $LR $E -params hyper_batch:same
 run ep_table3_no_l2n --algo hanq --learning-rate $LR $E -params meta_norm:none
 run ep_table3_no_ln --algo hanq --learning-rate $LR $E -params main_norm:none
 run ep_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg $E
+# E4b. kappa as an absolute step: the hyper-optimiser (Adam) moves alpha itself, not log(alpha), kept >= 10^-8
+SEEDS=5 run ep_linear --algo hanq --learning-rate $LR $E -params lr_parameterization:linear
 # E6. the learning-rate grid {10^-1, ..., 10^-4} for HANQ (10^-2.5 is episodes10_hanq), and DQN's beta grid; 5 seeds
 SEEDS=5 run ep_lr_grid --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 $E
 SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E
