@@ -99,7 +99,8 @@ GROUP_PARAMS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "hyper_batch": ((str,), lambda v: v in HYPER_BATCHES, f"one of {HYPER_BATCHES}"),
 }
 
-#: Datasets of the paper (§11): 1000 uniform-state transitions for Pendulum, 10k from standard resets otherwise.
+#: Datasets of the paper (§11): 1000 random-action transitions for Pendulum (as ``pendulum_start`` reads them),
+#: 10k from standard resets otherwise.
 DATASET_SIZES = {"DiscretePendulum-v1": 1000, "CartPole-v1": 10_000, "Acrobot-v1": 10_000}
 
 
