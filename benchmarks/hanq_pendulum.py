@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sb3_hanq.common.offline import PENDULUM_STARTS
+
 RESULTS = Path(__file__).parent / "results"
 
 # name -> (algorithm, constructor kwargs, paper's number (Table 1/2, Fig. 3b) for reference)
@@ -134,7 +136,7 @@ def main() -> None:
     parser.add_argument("--eval-freq", type=int, default=1_000)
     parser.add_argument("--learning-rate", type=float, default=10**-2.5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--pendulum-start", default="uniform", choices=["uniform", "reset", "episodes"])
+    parser.add_argument("--pendulum-start", default="uniform", choices=PENDULUM_STARTS)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tag", default="hanq_pendulum")
     parser.add_argument("--from-json", type=Path, help="re-make the table and plot from a saved runs file")

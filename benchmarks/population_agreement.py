@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sb3_hanq.common.offline import PENDULUM_STARTS
+
 RESULTS = Path(__file__).parent / "results" / "population"
 CONFIGS = {  # name in hanq_pendulum.py -> population CLI arguments
     "DQN, target beta=1e-3": ["--algo", "dqn", "--tau", "1e-3", "-params", "loss:huber", "max_grad_norm:10.0"],
@@ -45,7 +47,7 @@ def main() -> None:
     parser.add_argument(
         "--pendulum-start",
         default="uniform",
-        choices=["uniform", "reset", "episodes"],
+        choices=PENDULUM_STARTS,
         help="the dataset's reading for both paths (the committed tables used 'uniform')",
     )
     parser.add_argument("--compile", action="store_true", help="pass --compile to the population trainer")

@@ -83,8 +83,8 @@ def test_pendulum_start_states_are_uniform():
 
 def test_pendulum_start_readings(pendulum_data):
     """``pendulum_start="reset"``: one transition from each standard reset (theta_dot ~ U[-1, 1]);
-    ``"episodes"`` (the default): random-action trajectories of 200 steps from standard resets; anything else is
-    refused."""
+    ``"episodes"`` (the default): random-action trajectories of 200 steps from standard resets; ``"trajectory"``:
+    one 1000-step trajectory from one standard reset; anything else is refused."""
     reset = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="reset")
     theta = np.arctan2(reset.observations[:, 1], reset.observations[:, 0])
     assert _ks_uniform(theta, -np.pi, np.pi) < 0.062
@@ -98,6 +98,13 @@ def test_pendulum_start_readings(pendulum_data):
     assert np.abs(episodes.observations[:, 2]).max() > 1.0  # the trajectories leave the reset's speeds
     for name in ("observations", "actions", "rewards", "next_observations", "terminations"):
         np.testing.assert_array_equal(getattr(pendulum_data, name), getattr(episodes, name), err_msg=name)
+    trajectory = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="trajectory")
+    np.testing.assert_allclose(trajectory.next_observations[:-1], trajectory.observations[1:], atol=1e-6)  # one
+    np.testing.assert_array_equal(trajectory.observations[:200], episodes.observations[:200])  # same start, actions
+    assert abs(trajectory.observations[0, 2]) <= 1.0 and not np.array_equal(
+        trajectory.observations, episodes.observations
+    )
+    assert trajectory.episode_ends().tolist() == [999]
     with pytest.raises(ValueError, match="pendulum_start"):
         collect_dataset("DiscretePendulum-v1", 10, pendulum_start="full")
 

@@ -279,7 +279,7 @@ class OfflineDataset:
 
 
 #: Readings of the Pendulum dataset (see :func:`collect_dataset`).
-PENDULUM_STARTS = ("uniform", "reset", "episodes")
+PENDULUM_STARTS = ("uniform", "reset", "episodes", "trajectory")
 
 
 def collect_dataset(
@@ -302,7 +302,9 @@ def collect_dataset(
         ``theta_dot ~ U[-max_speed, max_speed]`` (``max_speed = 8``), drawn by the environment's own
         ``reset(options={"x_init": pi, "y_init": max_speed})``, then one random step: the samples cover the
         whole state space (§11 contrasts these states with CartPole's and Acrobot's "standard initial states");
-      - ``"reset"``: one transition from each of ``n_samples`` standard resets.
+      - ``"reset"``: one transition from each of ``n_samples`` standard resets;
+      - ``"trajectory"``: one random-action trajectory of ``n_samples`` steps from one standard reset, without
+        the 200-step time limit (§3.1's singular read most literally: "a uniformly sampled initial state").
 
       Only ``"episodes"`` gives the paper's ordering (population trainer, 200k gradient steps, lr 10^-2.5,
       10 seeds, ``benchmarks/results/hanq_repro/``): HANQ 85.0 against DQN (β = 10^-3) 46.8, where the paper
@@ -326,6 +328,9 @@ def collect_dataset(
         raise ValueError(f"Invalid pendulum_start={pendulum_start!r}: expected one of {PENDULUM_STARTS}")
     register_envs()
     env = gym.make(env_id, **(env_kwargs or {}))
+    if isinstance(env.unwrapped, PendulumEnv) and pendulum_start == "trajectory":
+        env.close()  # one episode as long as the dataset
+        env = gym.make(env_id, **{**(env_kwargs or {}), "max_episode_steps": n_samples})
     try:
         obs_shape, action_shape = env.observation_space.shape, env.action_space.shape
         if obs_shape is None or action_shape is None:
@@ -341,7 +346,7 @@ def collect_dataset(
         terminations = np.zeros(n_samples, dtype=np.float32)
 
         pendulum = env.unwrapped if isinstance(env.unwrapped, PendulumEnv) else None
-        if pendulum is not None and pendulum_start != "episodes":
+        if pendulum is not None and pendulum_start in ("uniform", "reset"):
             uniform_state = (
                 {"x_init": np.pi, "y_init": float(pendulum.max_speed)} if pendulum_start == "uniform" else None
             )
