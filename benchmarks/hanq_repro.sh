@@ -66,6 +66,10 @@ run ep_dqn_beta1 --algo dqn --learning-rate $LR --tau 1 $E
 run ep_dqn_norms --algo dqn --learning-rate $LR --tau 1 1e-3 $E -params "main_norm:['layer','l2']"
 # E2. Table 4's first column: HANQ without the hypergradient (kappa = 0)
 run ep_kappa0 --algo hanq --learning-rate $LR --hyper-lr 0 $E
+# E2b. the dataset's fourth reading, one 1000-step trajectory from one standard reset (§3.1's singular read most
+#     literally): HANQ with and without the hypergradient, DQN with beta = 1 and 10^-3; 5 seeds
+SEEDS=5 run traj_hanq --algo hanq --learning-rate $LR --hyper-lr 0 0.1 --pendulum-start trajectory
+SEEDS=5 run traj_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 --pendulum-start trajectory
 # E3. Table 2 (predictor ablations, HANQ's defaults otherwise)
 run ep_table2_no_pred --algo hanq --learning-rate $LR $E -params predictor:none
 run ep_table2_no_metapred --algo hanq --learning-rate $LR $E -params predictor:scalar
