@@ -202,7 +202,7 @@ def main(argv: list[str]) -> None:
         "(§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning rate (and beta for "
         "DQN); rows here use the stated ones. `frozen`: runs whose final learning rate is below 10^-6.",
     ]
-    order = ["episodes", "uniform", "reset"]
+    order = ["episodes", "trajectory", "uniform", "reset"]
     envs = sorted(
         {key.split("|")[0] for key in groups},
         key=lambda e: (not e.startswith("DiscretePendulum"), order.index(e.split(": ")[1]) if ": " in e else 0, e),
@@ -246,14 +246,14 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     """Which configurations go in which PNG. Pendulum under the default ("episodes") reading: HANQ's readings and
     the 30-seed run (curves.png), the ablations of Tables 2, 3 and 7 (curves_ablations.png), Table 4's
     normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
-    (curves_lr.png); the first 5-seed runs of the "reset" and "episodes" readings (curves_datasets.png); the
+    (curves_lr.png); the 5-seed runs of the "reset", "episodes" and "trajectory" readings (curves_datasets.png); the
     "uniform" reading's runs (curves_uniform{,_ablations,_dqn}.png); one file per other environment."""
     out: dict[str, tuple[str, list[str]]] = {}
     for key in groups:
         env, name, _ = key.split("|")
         if not env.startswith("DiscretePendulum"):
             figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
-        elif name.startswith(("reset", "episodes_")):
+        elif name.startswith(("reset", "episodes_", "traj_")):
             figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5 seeds)"
         elif env.endswith("episodes"):
             kind = name.removeprefix("ep_").removeprefix("episodes10_")
