@@ -111,10 +111,11 @@ class HANQNetwork(BasePolicy):
         scale_init = 0.0 if positive_scale else 1.0
         if predictor == "meta":
             self.meta_norm = make_norm(meta_norm, latent_dim, "meta_norm")
-            per = 1 if metapredictor_outputs == "state" else n_actions  # outputs per state for each of scale, bias
-            self.meta_head = nn.Linear(latent_dim, per * (2 if predictor_bias else 1))
+            # outputs per state for each of scale and bias (a Python int: torch.compile reads it as a constant)
+            self.meta_outputs = 1 if metapredictor_outputs == "state" else n_actions
+            self.meta_head = nn.Linear(latent_dim, self.meta_outputs * (2 if predictor_bias else 1))
             with th.no_grad():
-                self.meta_head.bias[:per].add_(scale_init)
+                self.meta_head.bias[: self.meta_outputs].add_(scale_init)
         elif predictor == "scalar":
             self.omega_scale = nn.Parameter(th.tensor(scale_init))
             if predictor_bias:
@@ -137,8 +138,7 @@ class HANQNetwork(BasePolicy):
         Any leading dimensions of ``latent`` are kept (the population trainer stacks members in front)."""
         if self.predictor == "meta":
             out = self.meta_head(self.meta_norm(latent))
-            per = 1 if self.metapredictor_outputs == "state" else int(self.action_space.n)
-            return out[..., :per], (out[..., per:] if self.predictor_bias else None)
+            return out[..., : self.meta_outputs], (out[..., self.meta_outputs :] if self.predictor_bias else None)
         if self.predictor == "scalar":
             return self.omega_scale, (self.omega_bias if self.predictor_bias else None)
         return None, None
