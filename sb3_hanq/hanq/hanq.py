@@ -27,7 +27,6 @@ from sb3_hanq.common.q_learning import (
 from sb3_hanq.common.utils import (
     NonFiniteLossError,
     SupportedActionSpacesMixin,
-    cached_snapshot,
     check_choice,
     check_gamma,
     check_positive_int,
@@ -35,6 +34,7 @@ from sb3_hanq.common.utils import (
     divergence_hint,
     load_with_completed_policy_kwargs,
     replay_buffer_data,
+    restored_on_divergence,
 )
 from sb3_hanq.hanq.policies import CnnPolicy, HANQNetwork, HANQPolicy, MlpPolicy, MultiInputPolicy
 
@@ -276,11 +276,13 @@ class HANQ(SupportedActionSpacesMixin, DQN):
         sync per step); if one is not finite, the policy (networks and optimiser state, including the adapted
         learning rate) is restored to its state at the start of this call, so a :class:`NonFiniteLossError` leaves
         the model as it was before the call's first step (with ``gradient_steps=1``: before the failing step)."""
+        attributes = ("_n_updates", "_hyper_data")
+        with restored_on_divergence(self, [self.policy], [self.policy.optimizer], attributes=attributes):
+            self._train(gradient_steps, batch_size)
+
+    def _train(self, gradient_steps: int, batch_size: int) -> None:
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
-        snapshot = cached_snapshot(self, [self.policy], [optimizer])
-        snapshot.take()
-        hyper_data_before = self._hyper_data
         self._update_learning_rate(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         hyper_active = isinstance(optimizer, HyperAdam) and any(
@@ -333,12 +335,6 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             params_finite = th.isfinite(th.stack(th._foreach_norm(params)).sum())
         lr = optimizer.param_groups[0]["lr"]
         if not bool(finite.all() & params_finite) or not math.isfinite(lr):
-            snapshot.restore()
-            self._hyper_data = hyper_data_before
-            restored = (
-                f"The model was restored to its state before gradient step {self._n_updates + 1} "
-                "(the start of this train() call)."
-            )
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
                 # The minibatches are not kept (no per-step cost): the data check reads the whole buffer.
@@ -350,12 +346,12 @@ class HANQ(SupportedActionSpacesMixin, DQN):
                 )
                 raise NonFiniteLossError(
                     f"{type(self).__name__}: non-finite loss {loss_values[bad].item()} at gradient step "
-                    f"{self._n_updates + bad + 1} (learning rate {lr:.3g}); {hint}. {restored}"
+                    f"{self._n_updates + bad + 1} (learning rate {lr:.3g}); {hint}."
                 )
             raise NonFiniteLossError(
                 f"{type(self).__name__}: non-finite parameters or learning rate ({lr:.3g}) after gradient step "
                 f"{self._n_updates + gradient_steps} (finite losses); the step size is the likely cause: try a lower "
-                f"learning_rate or hyper_lr. {restored}"
+                "learning_rate or hyper_lr."
             )
         # omega and Q of the last gradient step; the loss averaged over this call's steps (as SB3's DQN)
         with th.no_grad():
