@@ -383,6 +383,24 @@ def test_cli(tmp_path, capsys):
     assert "seeds" in capsys.readouterr().out
     assert cli_main(argv[:-2] + ["--out", str(out), "-params", "main_norm:l3"]) == 2
     assert "main_norm" in capsys.readouterr().err
+    assert cli_main(argv[:-2] + ["--out", str(out), "--first-seed", "-1"]) == 2
+    assert "--first-seed" in capsys.readouterr().err
+
+
+def test_cli_first_seed(tmp_path):
+    """``--first-seed 1 --seeds 2`` trains seeds 1 and 2: with a learning rate of 1e-12 the weights stay at their
+    initial values, which (with the evaluation's start states) depend on the member's seed only, so the scores equal
+    those of seeds 1 and 2 in a run of seeds 0-2, whatever minibatches each run draws."""
+    argv = ["--algo", "dqn", "--env", ENV, "--gradient-steps", "10", "--eval-freq", "10", "--eval-episodes", "2"]
+    argv += ["--learning-rate", "1e-12"]
+    argv += ["--n-samples", "32", "--no-progress-bar", "--device", "cpu"]
+    assert cli_main(argv + ["--seeds", "3", "--out", str(tmp_path / "all.json")]) == 0
+    assert cli_main(argv + ["--seeds", "2", "--first-seed", "1", "--out", str(tmp_path / "rest.json")]) == 0
+    full, rest = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("all", "rest"))
+    assert rest["config"]["seeds"] == [1, 2]
+    untrained = {m["seed"]: m["scores"][0] for m in full["members"]}
+    assert len(set(untrained.values())) == 3  # the seeds do differ
+    assert {m["seed"]: m["scores"][0] for m in rest["members"]} == {1: untrained[1], 2: untrained[2]}
 
 
 def test_summary_table_shows_what_varies():

@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--algo", required=True, choices=list(ALGORITHMS))
     parser.add_argument("--env", required=True, choices=list(BATCHED_ENV_IDS))
-    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (0 .. N-1)")
+    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (FIRST .. FIRST+N-1)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="first seed (default 0): e.g. --first-seed 10 --seeds 20 adds seeds 10-29 to a 10-seed run",
+    )
     parser.add_argument("--gradient-steps", type=int, default=200_000)
     parser.add_argument("--eval-freq", type=int, default=2_000)
     parser.add_argument("--eval-episodes", type=int, default=10)
@@ -89,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --threads must be >= 1", file=sys.stderr)
             return 2
         th.set_num_threads(args.threads)
+    if args.seeds < 1 or args.first_seed < 0:
+        print("error: --seeds must be >= 1 and --first-seed >= 0", file=sys.stderr)
+        return 2
     try:
         train_population(
             algo=args.algo,
             env_id=args.env,
-            seeds=args.seeds,
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
             gradient_steps=args.gradient_steps,
             eval_freq=args.eval_freq,
             eval_episodes=args.eval_episodes,
