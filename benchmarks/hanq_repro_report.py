@@ -88,6 +88,10 @@ PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
     },
 }
 
+#: Runs that add seeds to an earlier one (``--first-seed``): (earlier file, add-on file). The report shows the
+#: earlier run's row as it is, and in place of the add-on's row the two pooled (configurations matched by label).
+POOLS = (("episodes10_hanq.json", "ep_hanq30_rest.json"),)
+
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
 ABLATIONS = (
     ("positive_scale", False, "no_scale", "w/o omega_scale+"),
@@ -191,6 +195,7 @@ def main(argv: list[str]) -> None:
             env += f", data: {config.get('pendulum_start', 'uniform')}"
         key = f"{env}|{name}|{text}"
         groups.setdefault(key, []).append(member)
+    groups = pooled(groups)
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
         "",
@@ -240,6 +245,25 @@ def main(argv: list[str]) -> None:
     for figure, title, keys in written:
         plot_curves(out_dir / figure, title, {k: groups[k] for k in keys})
         print(f"wrote {out_dir / figure}")
+
+
+def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """``groups`` with each add-on run of :data:`POOLS` pooled with its earlier run, configuration by configuration
+    (the pooled row is named ``earlier+add-on``); refuses pools whose seeds overlap."""
+    out = dict(groups)
+    for first, extra in POOLS:
+        for key in list(out):
+            env, name, text = key.split("|")
+            if name != extra:
+                continue
+            base = groups.get(f"{env}|{first}|{text}")
+            if base is None:
+                continue
+            seeds = [m["seed"] for m in base + out[key]]
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"POOLS: {first} and {extra} share seeds {sorted(seeds)}")
+            out[f"{env}|{first.removesuffix('.json')}+{extra}|{text}"] = base + out.pop(key)
+    return out
 
 
 def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, list[str]]]:
