@@ -418,6 +418,22 @@ def test_summary_table_shows_what_varies():
     assert "(the only one) | 2 | 15.0 |" in single
 
 
+def test_summary_ci_is_repeatable_and_leaves_numpy_alone():
+    """The bootstrap CI is the same on every call (rliable resamples with NumPy's global generator, which
+    ``summarize`` seeds), the seed changes it, and the caller's global NumPy stream is left where it was."""
+    pytest.importorskip("rliable")
+    from sb3_hanq.population.run import summarize
+
+    members = [dict(hyperparameters=dict(tau=1.0), average_score=float(s)) for s in range(0, 100, 9)]
+    np.random.seed(123)  # noqa: NPY002 (the global stream rliable uses)
+    expected_next = np.random.rand()  # noqa: NPY002 (the global stream rliable uses)
+    np.random.seed(123)  # noqa: NPY002 (the global stream rliable uses)
+    first = summarize(members, reps=300)[0]["ci"]
+    assert np.random.rand() == expected_next  # noqa: NPY002 (the global stream rliable uses)
+    assert summarize(members, reps=300)[0]["ci"] == first
+    assert summarize(members, reps=300, seed=1)[0]["ci"] != first
+
+
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile"):
         PopulationTrainer(ENV, make_members("hanq", [0]), n_samples=50, device="cpu", compile="yes")  # type: ignore[arg-type]

@@ -39,10 +39,13 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
 
 
-def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str, Any]]:
+def summarize(members: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """Per configuration (everything but the seed): seeds, mean, rliable IQM and its 95% stratified-bootstrap
     CI of the run-averaged score (HANQ paper §4: the score averaged over all evaluations of a run), and how many
-    of its members diverged (they count with the scores of their frozen, last finite weights)."""
+    of its members diverged (they count with the scores of their frozen, last finite weights).
+
+    ``seed`` makes the bootstrap repeatable: rliable's ``StratifiedBootstrap`` draws its resamples from NumPy's
+    global generator (whatever ``random_state`` says), so it is seeded here and restored afterwards."""
     configs: dict[str, list[float]] = {}
     diverged: dict[str, int] = {}
     for member in members:
@@ -62,7 +65,12 @@ def summarize(members: list[dict[str, Any]], reps: int = 2000) -> list[dict[str,
         )
         if rly is not None and np.isfinite(values).all():
             iqm = lambda x: np.array([metrics.aggregate_iqm(x)])  # noqa: E731
-            point, ci = rly.get_interval_estimates({"c": values[:, None]}, iqm, reps=reps)
+            state = np.random.get_state()  # noqa: NPY002 (the global stream rliable uses)
+            np.random.seed(seed)  # noqa: NPY002 (the global stream rliable uses)
+            try:
+                point, ci = rly.get_interval_estimates({"c": values[:, None]}, iqm, reps=reps)
+            finally:
+                np.random.set_state(state)  # noqa: NPY002 (the global stream rliable uses)
             row.update(iqm=float(point["c"][0]), ci=[float(ci["c"][0, 0]), float(ci["c"][1, 0])])
         rows.append(row)
     return rows
