@@ -86,17 +86,28 @@ run ep_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg $E
 # --- Queue order from here (session of 2026-12-03): what Table 1 and the 30-seed cell need first ---------------
 # E6. the learning-rate grid {10^-1, ..., 10^-4} for HANQ (10^-2.5 is episodes10_hanq); 5 seeds
 SEEDS=5 run ep_lr_grid --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 $E
-# E7. HANQ's defaults at the paper's 30 seeds: seeds 10-29 here, pooled with episodes10_hanq's seeds 0-9 by the
-#     report (--seed 1: another minibatch stream than the 10-seed run's)
-SEEDS=20 run ep_hanq30_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E
-# E6a. DQN's beta grid (beta = 1 and 10^-3 are ep_dqn_beta1 and episodes10_dqn); 5 seeds
-SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E
-# 11. Table 1 on Acrobot-v1 and CartPole-v1 (10k transitions from standard resets per seed, §11): HANQ (kappa = 0.1)
-#     and DQN / DQN-LN with beta in {1, 10^-3}
+# E7. the grid's best cell (10^-1.5: 96.4 over 5 seeds) at the paper's 30 seeds: seeds 5-29 here, pooled with
+#     ep_lr_grid's seeds 0-4 by the report (--seed 1: another minibatch stream)
+SEEDS=25 run ep_lr_best30 --algo hanq --learning-rate 3.1623e-2 --first-seed 5 --seed 1 $E
+# E6a. DQN's beta grid for DQN, DQN-LN and DQN-l2N (beta = 1 and 10^-3 are ep_dqn_beta1, episodes10_dqn and
+#     ep_dqn_norms); 5 seeds
+SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 $E \
+  -params "main_norm:['none','layer','l2']"
+# 11. Table 1 on Acrobot-v1 and CartPole-v1 (10k transitions from standard resets per seed, §11): HANQ (kappa = 0.1,
+#     10 seeds)
 ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
 ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
-ENV_ID=Acrobot-v1 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
-ENV_ID=CartPole-v1 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 -params "main_norm:['none','layer']"
+# E6c. DQN's learning rates, as HANQ's (the paper tunes every row over them): DQN, DQN-LN and DQN-l2N with
+#     beta = 10^-3 (10^-2.5 is episodes10_dqn and ep_dqn_norms); 5 seeds
+SEEDS=5 run ep_dqn_lr_grid --algo dqn --learning-rate 3.1623e-2 1e-2 1e-3 3.1623e-4 --tau 1e-3 $E \
+  -params "main_norm:['none','layer','l2']"
+#     DQN / DQN-LN / DQN-l2N with beta in {1, 10^-3} on Acrobot-v1 and CartPole-v1 (5 seeds)
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 \
+  -params "main_norm:['none','layer','l2']"
+# E7b. HANQ at 10^-2.5 (the default learning rate) at 30 seeds: seeds 10-29, pooled with episodes10_hanq's 0-9
+SEEDS=20 run ep_hanq30_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E
+ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 \
+  -params "main_norm:['none','layer','l2']"
 # E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
 SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
 # E4b. kappa as an absolute step: the hyper-optimiser (Adam) moves alpha itself, not log(alpha), kept >= 10^-8
