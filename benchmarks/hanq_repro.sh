@@ -97,6 +97,9 @@ SEEDS=5 run ep_dqn_beta_grid --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4
 #     10 seeds)
 ENV_ID=Acrobot-v1 run acrobot_hanq --algo hanq --learning-rate $LR
 ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
+# E6d. HANQ's hyperlearning rate, tuned as the paper tunes it (§11: kappa in {10^0, ..., 10^-5}; 10^-1 is
+#     episodes10_hanq, 0 is ep_kappa0); 5 seeds
+SEEDS=5 run ep_kappa_grid --algo hanq --learning-rate $LR --hyper-lr 1 1e-2 1e-3 1e-4 1e-5 $E
 # E6c. DQN's learning rates, as HANQ's (the paper tunes every row over them): DQN, DQN-LN and DQN-l2N with
 #     beta = 10^-3 (10^-2.5 is episodes10_dqn and ep_dqn_norms); 5 seeds
 SEEDS=5 run ep_dqn_lr_grid --algo dqn --learning-rate 3.1623e-2 1e-2 1e-3 3.1623e-4 --tau 1e-3 $E \
