@@ -100,15 +100,15 @@ ENV_ID=CartPole-v1 run cartpole_hanq --algo hanq --learning-rate $LR
 # E6d. HANQ's hyperlearning rate, tuned as the paper tunes it (§11: kappa in {10^0, ..., 10^-5}; 10^-1 is
 #     episodes10_hanq, 0 is ep_kappa0); 5 seeds
 SEEDS=5 run ep_kappa_grid --algo hanq --learning-rate $LR --hyper-lr 1 1e-2 1e-3 1e-4 1e-5 $E
+# E7b. HANQ at 10^-2.5 (the default learning rate) at 30 seeds: seeds 10-29, pooled with episodes10_hanq's 0-9
+SEEDS=20 run ep_hanq30_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E
+#     DQN / DQN-LN / DQN-l2N with beta in {1, 10^-3} on Acrobot-v1 and CartPole-v1 (5 seeds)
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 \
+  -params "main_norm:['none','layer','l2']"
 # E6c. DQN's learning rates, as HANQ's (the paper tunes every row over them): DQN, DQN-LN and DQN-l2N with
 #     beta = 10^-3 (10^-2.5 is episodes10_dqn and ep_dqn_norms); 5 seeds
 SEEDS=5 run ep_dqn_lr_grid --algo dqn --learning-rate 3.1623e-2 1e-2 1e-3 3.1623e-4 --tau 1e-3 $E \
   -params "main_norm:['none','layer','l2']"
-#     DQN / DQN-LN / DQN-l2N with beta in {1, 10^-3} on Acrobot-v1 and CartPole-v1 (5 seeds)
-ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 \
-  -params "main_norm:['none','layer','l2']"
-# E7b. HANQ at 10^-2.5 (the default learning rate) at 30 seeds: seeds 10-29, pooled with episodes10_hanq's 0-9
-SEEDS=20 run ep_hanq30_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E
 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn --algo dqn --learning-rate $LR --tau 1 1e-3 \
   -params "main_norm:['none','layer','l2']"
 # E5. Table 8: hypergradient DQN (L_RG), kappa in {10^-1, 10^-3}, beta in {1, 10^-3}; 5 seeds
