@@ -326,8 +326,9 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     """Which configurations go in which PNG. Pendulum under the default ("episodes") reading: HANQ's readings and
     the 30-seed run (curves.png), the ablations of Tables 2, 3 and 7 (curves_ablations.png), Table 4's
     normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
-    (curves_lr.png); the 5-seed runs of the "reset", "episodes" and "trajectory" readings (curves_datasets.png); the
-    "uniform" reading's runs (curves_uniform{,_ablations,_dqn}.png); one file per other environment."""
+    (curves_lr.png), the kappa grid with kappa = 0 (curves_kappa.png); the 5-seed runs of the "reset",
+    "episodes" and "trajectory" readings (curves_datasets.png); the "uniform" reading's runs
+    (curves_uniform{,_ablations,_dqn}.png); one file per other environment."""
     out: dict[str, tuple[str, list[str]]] = {}
     for key in groups:
         env, name, _ = key.split("|")
@@ -343,8 +344,10 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
                 figure, title = "curves_table4.png", "DiscretePendulum-v1: normalisations, kappa = 0 (Table 4)"
             elif kind.startswith(("dqn", "table8")):
                 figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
-            elif kind.startswith("lr_grid"):
+            elif kind.startswith("lr_grid") or kind.startswith("lr_best"):
                 figure, title = "curves_lr.png", "DiscretePendulum-v1: HANQ's learning rates"
+            elif kind.startswith("kappa_grid") or kind.startswith("kappa0"):
+                figure, title = "curves_kappa.png", "DiscretePendulum-v1: HANQ's hyperlearning rates (kappa)"
             else:
                 figure, title = "curves.png", "DiscretePendulum-v1: HANQ's readings"
         elif name.startswith(("table2", "table3", "table7")):
