@@ -344,9 +344,9 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
                 figure, title = "curves_table4.png", "DiscretePendulum-v1: normalisations, kappa = 0 (Table 4)"
             elif kind.startswith(("dqn", "table8")):
                 figure, title = "curves_dqn.png", "DiscretePendulum-v1: DQN (Tables 1, 8)"
-            elif kind.startswith("lr_grid") or kind.startswith("lr_best"):
+            elif kind.startswith(("lr_grid", "lr_best")):
                 figure, title = "curves_lr.png", "DiscretePendulum-v1: HANQ's learning rates"
-            elif kind.startswith("kappa_grid") or kind.startswith("kappa0"):
+            elif kind.startswith(("kappa_grid", "kappa0")):
                 figure, title = "curves_kappa.png", "DiscretePendulum-v1: HANQ's hyperlearning rates (kappa)"
             else:
                 figure, title = "curves.png", "DiscretePendulum-v1: HANQ's readings"
