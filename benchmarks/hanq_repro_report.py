@@ -268,22 +268,14 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
         "5 seeds per cell, except where a row says otherwise.",
     ]
     for env_id in envs:
-        best: dict[str, tuple[float, str, list[dict[str, Any]], set[str]]] = {}
         configs: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         for key, group in groups.items():
             env, name, text = key.split("|")
             if env == env_id and (text not in configs or len(group) > len(configs[text][1])):
                 configs[text] = (name, group)
-        for text, (name, group) in configs.items():
-            h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
-            row = tuned_key(h, algo)
-            mean = float(np.mean([m["average_score"] for m in group]))
-            tried = best[row][3] if row in best else set()
-            tried.add(text)
-            if row not in best or mean > best[row][0]:
-                best[row] = (mean, name, group, tried)
-            else:
-                best[row] = (*best[row][:3], tried)
+        rows: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+        for name, group in configs.values():
+            rows.setdefault(tuned_key(group[0]["hyperparameters"], group[0]["algorithm"]), []).append((name, group))
         lines += [
             "",
             f"*{env_id}*",
@@ -291,14 +283,16 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
             "| row | best cell | cells tried | file | seeds | mean | IQM [95% CI] | paper [95% CI] |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for row, (mean, name, group, tried) in sorted(best.items()):
+        for row, cells in sorted(rows.items()):
+            name, group = max(cells, key=lambda cell: np.mean([m["average_score"] for m in cell[1]]))
             stats = summarize(group, reps=2000)[0]
             ci = f"{stats['iqm']:.1f} [{stats['ci'][0]:.1f}, {stats['ci'][1]:.1f}]" if "iqm" in stats else "-"
             h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
             cell = label(h, algo).removeprefix(row.replace("best beta", f"beta {h['tau']:g}")).lstrip(", ")
             paper = paper_number(h, algo, env_id.split(",")[0])
             lines.append(
-                f"| {row} | {cell or '-'} | {len(tried)} | {name} | {stats['n']} | {mean:.1f} | {ci} | {paper} |"
+                f"| {row} | {cell or '-'} | {len(cells)} | {name} | {stats['n']} | {stats['mean']:.1f} | {ci} "
+                f"| {paper} |"
             )
     return lines
 
