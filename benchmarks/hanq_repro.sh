@@ -115,17 +115,21 @@ ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn --algo dqn --learning-rate $LR --tau
 SEEDS=5 run ep_table8_dqn_kappa --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 $E
 # E4b. kappa as an absolute step: the hyper-optimiser (Adam) moves alpha itself, not log(alpha), kept >= 10^-8
 SEEDS=5 run ep_linear --algo hanq --learning-rate $LR $E -params lr_parameterization:linear
-# 12. Fig. 7: HSSAQ (kappa = 10^-4, lr 10^-2.5), whose omega_scale rises past 1.3, then settles near 1.2
-run hssaq_fig7 --algo hssaq --learning-rate $LR $E
+# (Table 4 before Fig. 7, so that the two lanes carry equal loads)
 # E6b. Table 4: the metapredictor's and the main network's normalisations, without the hypergradient; 5 seeds
 SEEDS=5 run ep_table4 --algo hanq --learning-rate $LR --hyper-lr 0 $E \
   -params "meta_norm:['l2','layer','none']" "main_norm:['layer','l2','none']"
+# 12. Fig. 7: HSSAQ (kappa = 10^-4, lr 10^-2.5), whose omega_scale rises past 1.3, then settles near 1.2
+run hssaq_fig7 --algo hssaq --learning-rate $LR $E
 #     Tables 2, 3 and 7 on Acrobot
 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred --algo hanq --learning-rate $LR -params predictor:none
 ENV_ID=Acrobot-v1 run acrobot_table2_no_scale --algo hanq --learning-rate $LR -params positive_scale:False
 ENV_ID=Acrobot-v1 run acrobot_table2_symmetrized --algo hanq --learning-rate $LR -params symmetric:True
 ENV_ID=Acrobot-v1 run acrobot_table3_no_ln --algo hanq --learning-rate $LR -params main_norm:none
 ENV_ID=Acrobot-v1 run acrobot_table7_sg --algo hanq --learning-rate $LR --hyper-objective sg
+#     Table 1 on Acrobot tuned as the paper tunes: HANQ's learning rates around 10^-2.5 (acrobot_hanq); 5 seeds
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_high --algo hanq --learning-rate 3.1623e-2 1e-2
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_low --algo hanq --learning-rate 1e-3 3.1623e-4
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
