@@ -130,6 +130,10 @@ ENV_ID=Acrobot-v1 run acrobot_table7_sg --algo hanq --learning-rate $LR --hyper-
 #     Table 1 on Acrobot tuned as the paper tunes: HANQ's learning rates around 10^-2.5 (acrobot_hanq); 5 seeds
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_high --algo hanq --learning-rate 3.1623e-2 1e-2
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_low --algo hanq --learning-rate 1e-3 3.1623e-4
+# E7c. the grid's runner-up cell (10^-2: 92.6 over 5 seeds) and the kappa grid's best cell (10^-4: 89.8) at 30 seeds:
+#     seeds 5-29, pooled with ep_lr_grid's and ep_kappa_grid's seeds 0-4 by the report (POOLS)
+SEEDS=25 run ep_lr2_rest --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E
+SEEDS=25 run ep_kappa4_rest --algo hanq --learning-rate $LR --hyper-lr 1e-4 --first-seed 5 --seed 1 $E
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U

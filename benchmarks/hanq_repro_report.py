@@ -90,7 +90,12 @@ PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
 
 #: Runs that add seeds to an earlier one (``--first-seed``): (earlier file, add-on file). The report shows the
 #: earlier run's row as it is, and in place of the add-on's row the two pooled (configurations matched by label).
-POOLS = (("episodes10_hanq.json", "ep_hanq30_rest.json"), ("ep_lr_grid.json", "ep_lr_best30.json"))
+POOLS = (
+    ("episodes10_hanq.json", "ep_hanq30_rest.json"),
+    ("ep_lr_grid.json", "ep_lr_best30.json"),
+    ("ep_lr_grid.json", "ep_lr2_rest.json"),
+    ("ep_kappa_grid.json", "ep_kappa4_rest.json"),
+)
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
 ABLATIONS = (
