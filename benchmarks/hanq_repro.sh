@@ -134,6 +134,9 @@ ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_low --algo hanq --learning-rate 1e-3 3.
 #     seeds 5-29, pooled with ep_lr_grid's and ep_kappa_grid's seeds 0-4 by the report (POOLS)
 SEEDS=25 run ep_lr2_rest --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E
 SEEDS=25 run ep_kappa4_rest --algo hanq --learning-rate $LR --hyper-lr 1e-4 --first-seed 5 --seed 1 $E
+# E4c. kappa as an absolute step at smaller kappa (ep_linear: kappa = 0.1 jumps alpha to the floor or to 0.5); 5 seeds
+SEEDS=5 run ep_linear_kappa --algo hanq --learning-rate $LR --hyper-lr 1e-3 1e-4 1e-5 $E \
+  -params lr_parameterization:linear
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
