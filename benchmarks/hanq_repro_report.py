@@ -147,7 +147,8 @@ def label(h: dict[str, Any], algo: str) -> str:
         pair = "" if norms in (None, ("l2", "layer")) else f", norms {NORM_NAMES[norms[0]]} {NORM_NAMES[norms[1]]}"  # type: ignore[index]
         return f"{algo.upper()} {head}, kappa 0{pair}, {lr}"
     batch = h.get("hyper_batch", "next")
-    return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch, {lr}"
+    step = ", alpha linear" if h.get("lr_parameterization") == "linear" else ""  # kappa as an absolute step
+    return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch{step}, {lr}"
 
 
 def paper_number(h: dict[str, Any], algo: str, env_id: str) -> str:
