@@ -137,6 +137,8 @@ SEEDS=25 run ep_kappa4_rest --algo hanq --learning-rate $LR --hyper-lr 1e-4 --fi
 # E4c. kappa as an absolute step at smaller kappa (ep_linear: kappa = 0.1 jumps alpha to the floor or to 0.5); 5 seeds
 SEEDS=5 run ep_linear_kappa --algo hanq --learning-rate $LR --hyper-lr 1e-3 1e-4 1e-5 $E \
   -params lr_parameterization:linear
+#     Acrobot's best HANQ cell (10^-3.5) is next to the grid's end: its last learning rate, 10^-4; 5 seeds
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_4 --algo hanq --learning-rate 1e-4
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
