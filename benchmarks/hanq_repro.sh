@@ -139,6 +139,8 @@ SEEDS=5 run ep_linear_kappa --algo hanq --learning-rate $LR --hyper-lr 1e-3 1e-4
   -params lr_parameterization:linear
 #     Acrobot's best HANQ cell (10^-3.5) is next to the grid's end: its last learning rate, 10^-4; 5 seeds
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_4 --algo hanq --learning-rate 1e-4
+#     10^-4 scored best (86.5): the grid extended one step, as §11 extends a grid whose best is at its end
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_45 --algo hanq --learning-rate 3.1623e-5
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
