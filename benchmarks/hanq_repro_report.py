@@ -282,7 +282,8 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
     its tables."""
     lines = [
         "",
-        "**Tuned as the paper tunes (§4: the best mean over the learning rates run, and over beta < 1 for DQN)**",
+        "**Tuned as the paper tunes (§4: the best mean over the learning rates run, and over beta < 1 for DQN; "
+        "over beta in {1, 10^-3} for Table 8's hypergradient DQN)**",
         "",
         "Cells are compared on the seeds they all have (`selected on`: the grids' 5 seeds, as a rule) and the "
         "chosen cell is reported with all its seeds, so that a cell rerun at 30 seeds does not lose to a lucky "
