@@ -269,9 +269,10 @@ def best_cell(cells: list[tuple[str, list[dict[str, Any]]]]) -> tuple[tuple[str,
     """The cell with the best mean over the seeds every cell has (a grid's, when some cells were rerun with more
     seeds: the protocol of issue #14, select on the grid, report the rerun), and how many seeds that is."""
     common = set.intersection(*({m["seed"] for m in group} for _, group in cells))
+    seeds = common or {m["seed"] for _, group in cells for m in group}  # no shared seed: each cell's own
 
     def grid_mean(cell: tuple[str, list[dict[str, Any]]]) -> float:
-        return float(np.mean([m["average_score"] for m in cell[1] if m["seed"] in common or not common]))
+        return float(np.mean([m["average_score"] for m in cell[1] if m["seed"] in seeds]))
 
     return max(cells, key=grid_mean), len(common)
 
