@@ -141,6 +141,18 @@ SEEDS=5 run ep_linear_kappa --algo hanq --learning-rate $LR --hyper-lr 1e-3 1e-4
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_4 --algo hanq --learning-rate 1e-4
 #     10^-4 scored best (86.5): the grid extended one step, as §11 extends a grid whose best is at its end
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_45 --algo hanq --learning-rate 3.1623e-5
+# E8. Tables 2, 3 and 7 tuned as the paper tunes every row (§4: each cell is the best of 7 learning rates): each
+#     ablation at 10^-1.5, 10^-2, 10^-3 and 10^-3.5 besides its 10-seed cell at 10^-2.5; 5 seeds per learning rate.
+#     The rows that fail at 10^-2.5 first (a smaller step is what SSAQ's stability needs, Fig. 3b)
+ABL_LRS="3.1623e-2 1e-2 1e-3 3.1623e-4"
+SEEDS=5 run ep_table2_no_pred_lrs --algo hanq --learning-rate $ABL_LRS $E -params predictor:none
+SEEDS=5 run ep_table2_symmetrized_lrs --algo hanq --learning-rate $ABL_LRS $E -params symmetric:True
+SEEDS=5 run ep_table3_no_l2n_lrs --algo hanq --learning-rate $ABL_LRS $E -params meta_norm:none
+SEEDS=5 run ep_table3_no_ln_lrs --algo hanq --learning-rate $ABL_LRS $E -params main_norm:none
+SEEDS=5 run ep_table2_no_metapred_lrs --algo hanq --learning-rate $ABL_LRS $E -params predictor:scalar
+SEEDS=5 run ep_table2_no_scale_lrs --algo hanq --learning-rate $ABL_LRS $E -params positive_scale:False
+SEEDS=5 run ep_table2_no_bias_lrs --algo hanq --learning-rate $ABL_LRS $E -params predictor_bias:False
+SEEDS=5 run ep_table7_sg_lrs --algo hanq --learning-rate $ABL_LRS --hyper-objective sg $E
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
