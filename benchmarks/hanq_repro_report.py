@@ -254,6 +254,9 @@ def main(argv: list[str]) -> None:
     for figure, title, keys in written:
         plot_curves(out_dir / figure, title, {k: groups[k] for k in keys})
         print(f"wrote {out_dir / figure}")
+    episodes = "DiscretePendulum-v1, data: episodes"
+    if plot_lr_sensitivity(out_dir / "lr_sensitivity.png", "Pendulum", tuned_rows(groups, episodes)):
+        print(f"wrote {out_dir / 'lr_sensitivity.png'}")
 
 
 def tuned_key(h: dict[str, Any], algo: str) -> str:
@@ -277,6 +280,60 @@ def best_cell(cells: list[tuple[str, list[dict[str, Any]]]]) -> tuple[tuple[str,
     return max(cells, key=grid_mean), len(common)
 
 
+def tuned_rows(
+    groups: dict[str, list[dict[str, Any]]], env_id: str
+) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
+    """An environment's configurations as (file, members) cells, grouped by the row they tune (:func:`tuned_key`);
+    of two runs of one configuration, the one with more seeds."""
+    configs: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+    for key, group in groups.items():
+        env, name, text = key.split("|")
+        if env == env_id and (text not in configs or len(group) > len(configs[text][1])):
+            configs[text] = (name, group)
+    rows: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for name, group in configs.values():
+        rows.setdefault(tuned_key(group[0]["hyperparameters"], group[0]["algorithm"]), []).append((name, group))
+    return rows
+
+
+def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, list[dict[str, Any]]]]]) -> bool:
+    """Each row's score against the learning rate (the best cell per learning rate, :func:`best_cell`, with a 95%
+    bootstrap CI of the mean over its seeds), for the rows run at 3 learning rates or more: HANQ and its ablations
+    in one panel, DQN in the other. Returns whether there was anything to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for row, cells in sorted(rows.items()):
+        by_lr: dict[float, list[tuple[str, list[dict[str, Any]]]]] = {}
+        for cell in cells:
+            by_lr.setdefault(cell[1][0]["hyperparameters"]["learning_rate"], []).append(cell)
+        if len(by_lr) >= 3:
+            curves[row] = sorted((lr, best_cell(lr_cells)[0][1]) for lr, lr_cells in by_lr.items())
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    for row, points in curves.items():
+        ax = axes[1] if row.startswith("DQN") else axes[0]
+        x = np.log10([lr for lr, _ in points])
+        scores = [np.array([m["average_score"] for m in group]) for _, group in points]
+        bands = [bootstrap_band(v[:, None]) for v in scores]
+        mean = [v.mean() for v in scores]
+        low = [m - b[0][0] for m, b in zip(mean, bands)]
+        high = [b[1][0] - m for m, b in zip(mean, bands)]
+        seeds = "/".join(sorted({str(len(v)) for v in scores}, key=int))
+        ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, label=f"{row} ({seeds} seeds)")
+    for ax, panel in zip(axes, ("HANQ and its ablations (Tables 1-3, 7)", "DQN (Table 1; best beta per cell)")):
+        ax.set(xlabel="log10 learning rate", ylabel="score averaged over evaluations", title=f"{title}: {panel}")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> list[str]:
     """Per environment and row (:func:`tuned_key`), the best configuration among those run (:func:`best_cell`;
     of two runs of one configuration the one with more seeds), reported with all its seeds, as the paper reports
@@ -291,14 +348,7 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
         "5-seed one. Selecting the best of several 5-seed cells still flatters rows with many cells.",
     ]
     for env_id in envs:
-        configs: dict[str, tuple[str, list[dict[str, Any]]]] = {}
-        for key, group in groups.items():
-            env, name, text = key.split("|")
-            if env == env_id and (text not in configs or len(group) > len(configs[text][1])):
-                configs[text] = (name, group)
-        rows: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-        for name, group in configs.values():
-            rows.setdefault(tuned_key(group[0]["hyperparameters"], group[0]["algorithm"]), []).append((name, group))
+        rows = tuned_rows(groups, env_id)
         lines += [
             "",
             f"*{env_id}*",
@@ -345,7 +395,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
     (curves_lr.png), the kappa grid with kappa = 0 (curves_kappa.png); the 5-seed runs of the "reset",
     "episodes" and "trajectory" readings (curves_datasets.png); the "uniform" reading's runs
-    (curves_uniform{,_ablations,_dqn}.png); one file per other environment."""
+    (curves_uniform{,_ablations,_dqn}.png); one file per other environment. The ablations' learning-rate grids
+    (``*_lrs``) are drawn against the learning rate instead (lr_sensitivity.png)."""
     out: dict[str, tuple[str, list[str]]] = {}
     parts = [key.split("|") for key in groups]
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
@@ -353,6 +404,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if key in pooled_bases:
             continue  # drawn once, pooled with its add-on (POOLS)
         env, name, _ = key.split("|")
+        if name.endswith("_lrs.json"):
+            continue  # an ablation's learning-rate grid: lr_sensitivity.png
         if not env.startswith("DiscretePendulum"):
             figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
         elif name.startswith(("reset", "episodes_", "traj_")):
