@@ -153,6 +153,10 @@ SEEDS=5 run ep_table2_no_metapred_lrs --algo hanq --learning-rate $ABL_LRS $E -p
 SEEDS=5 run ep_table2_no_scale_lrs --algo hanq --learning-rate $ABL_LRS $E -params positive_scale:False
 SEEDS=5 run ep_table2_no_bias_lrs --algo hanq --learning-rate $ABL_LRS $E -params predictor_bias:False
 SEEDS=5 run ep_table7_sg_lrs --algo hanq --learning-rate $ABL_LRS --hyper-objective sg $E
+# E6e. Table 1's beta = 1 rows tuned over learning rates (at 10^-2.5 DQN, DQN-LN and DQN-l2N score 1.5, 7.9 and 7.6,
+#     the paper 30.0, 40.1 and 31.9): smaller steps, 10^-3 and 10^-4; 5 seeds; one run per learning rate (one per lane)
+SEEDS=5 run ep_dqn_beta1_lr3 --algo dqn --learning-rate 1e-3 --tau 1 $E -params "main_norm:['none','layer','l2']"
+SEEDS=5 run ep_dqn_beta1_lr4 --algo dqn --learning-rate 1e-4 --tau 1 $E -params "main_norm:['none','layer','l2']"
 # --- The rest of the "uniform" queue (the default reading until the "episodes" results) -----------------
 # 6. Table 2 (predictor ablations, HANQ's defaults otherwise), "uniform" data
 run table2_no_metapred --algo hanq --learning-rate $LR -params predictor:scalar $U
