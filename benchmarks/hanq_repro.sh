@@ -191,3 +191,23 @@ SEEDS=5 run lr_grid_rest --algo hanq --learning-rate 1e-1 3.1623e-2 3.1623e-4 1e
 # 10. the per-(s, a) reading with the same-batch hypergradient
 run state_action_same --algo hanq --learning-rate $LR --hyper-lr 0.1 $U -params hyper_batch:same \
   metapredictor_outputs:state_action
+# --- Queue order from here (session of 2026-12-04): the tuned cells of Tables 1, 2, 3 and 7 at the paper's 30 seeds -
+# E9. each row's best cell in the tuned table (selected on the grids' 5 seeds) rerun with the seeds it lacks, pooled
+#     with its grid by the report (POOLS); --seed 1: another minibatch stream. Table 1's rows and the rows that
+#     decide Table 2's ordering first.
+SEEDS=20 run ep_table7_sg_rest --algo hanq --learning-rate $LR --hyper-objective sg --first-seed 10 --seed 1 $E
+SEEDS=25 run ep_dqn_best30 --algo dqn --learning-rate $LR --tau 1e-4 --first-seed 5 --seed 1 $E -params main_norm:none
+SEEDS=25 run ep_dqn_ln30 --algo dqn --learning-rate 3.1623e-4 --tau 1e-3 --first-seed 5 --seed 1 $E \
+  -params main_norm:layer
+SEEDS=25 run ep_dqn_l2n30 --algo dqn --learning-rate 1e-2 --tau 1e-3 --first-seed 5 --seed 1 $E -params main_norm:l2
+SEEDS=25 run ep_table2_no_metapred30 --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E \
+  -params predictor:scalar
+SEEDS=25 run ep_table2_no_bias30 --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E -params predictor_bias:False
+SEEDS=25 run ep_table2_no_scale30 --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E \
+  -params positive_scale:False
+SEEDS=25 run ep_table2_no_pred30 --algo hanq --learning-rate 1e-3 --first-seed 5 --seed 1 $E -params predictor:none
+SEEDS=25 run ep_table2_symmetrized30 --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E -params symmetric:True
+SEEDS=25 run ep_table3_no_ln30 --algo hanq --learning-rate 1e-2 --first-seed 5 --seed 1 $E -params main_norm:none
+SEEDS=25 run ep_table3_no_l2n30 --algo hanq --learning-rate 3.1623e-2 --first-seed 5 --seed 1 $E -params meta_norm:none
+SEEDS=25 run ep_dqn_beta1_lr4_rest --algo dqn --learning-rate 1e-4 --tau 1 --first-seed 5 --seed 1 $E \
+  -params "main_norm:['none','layer','l2']"

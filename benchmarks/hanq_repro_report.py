@@ -95,6 +95,23 @@ POOLS = (
     ("ep_lr_grid.json", "ep_lr_best30.json"),
     ("ep_lr_grid.json", "ep_lr2_rest.json"),
     ("ep_kappa_grid.json", "ep_kappa4_rest.json"),
+    ("ep_table7_sg.json", "ep_table7_sg_rest.json"),
+    ("ep_dqn_beta_grid.json", "ep_dqn_best30.json"),
+    ("ep_dqn_lr_grid.json", "ep_dqn_ln30.json"),
+    ("ep_dqn_lr_grid.json", "ep_dqn_l2n30.json"),
+    ("ep_dqn_beta1_lr4.json", "ep_dqn_beta1_lr4_rest.json"),
+    *(
+        (f"ep_{row}_lrs.json", f"ep_{row}30.json")
+        for row in (
+            "table2_no_metapred",
+            "table2_no_bias",
+            "table2_no_scale",
+            "table2_no_pred",
+            "table2_symmetrized",
+            "table3_no_ln",
+            "table3_no_l2n",
+        )
+    ),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
@@ -395,8 +412,9 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
     (curves_lr.png), the kappa grid with kappa = 0 (curves_kappa.png); the 5-seed runs of the "reset",
     "episodes" and "trajectory" readings (curves_datasets.png); the "uniform" reading's runs
-    (curves_uniform{,_ablations,_dqn}.png); one file per other environment. The ablations' learning-rate grids
-    (``*_lrs``) are drawn against the learning rate instead (lr_sensitivity.png)."""
+    (curves_uniform{,_ablations,_dqn}.png); per other environment, one file for the rest and one for its
+    ablations per learning rate (``acrobot4_*``: 10^-4). The ablations' learning-rate grids (``*_lrs``) are drawn
+    against the learning rate instead (lr_sensitivity.png)."""
     out: dict[str, tuple[str, list[str]]] = {}
     parts = [key.split("|") for key in groups]
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
@@ -407,7 +425,12 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if name.endswith("_lrs.json"):
             continue  # an ablation's learning-rate grid: lr_sensitivity.png
         if not env.startswith("DiscretePendulum"):
-            figure, title = f"curves_{env.split('-')[0].lower()}.png", f"{env}, offline"
+            part, what = ("", "")
+            if "_table" in name:  # the ablations, one file per learning rate they ran at (acrobot4_*: 10^-4)
+                lr4 = name.startswith("acrobot4_")
+                part = "_ablations_lr4" if lr4 else "_ablations"
+                what = f": ablations (Tables 2, 3, 7), lr {'10^-4' if lr4 else '10^-2.5'}"
+            figure, title = f"curves_{env.split('-')[0].lower()}{part}.png", f"{env}, offline{what}"
         elif name.startswith(("reset", "episodes_", "traj_")):
             figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5 seeds)"
         elif env.endswith("episodes"):
