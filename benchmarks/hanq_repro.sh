@@ -211,3 +211,10 @@ SEEDS=25 run ep_table3_no_ln30 --algo hanq --learning-rate 1e-2 --first-seed 5 -
 SEEDS=25 run ep_table3_no_l2n30 --algo hanq --learning-rate 3.1623e-2 --first-seed 5 --seed 1 $E -params meta_norm:none
 SEEDS=25 run ep_dqn_beta1_lr4_rest --algo dqn --learning-rate 1e-4 --tau 1 --first-seed 5 --seed 1 $E \
   -params "main_norm:['none','layer','l2']"
+# E10. the grids towards the protocol's >= 10 seeds per cell, and Acrobot's Table 1 at 30 seeds: HANQ's Pendulum
+#     learning-rate grid (seeds 5-9 for the cells still at 5: 10^-1, 10^-3, 10^-3.5, 10^-4), HANQ's best Acrobot
+#     cell (10^-4) at 30 seeds, and DQN's best Acrobot cells (lr 10^-4, beta = 10^-3) at 10
+SEEDS=5 run ep_lr_grid_s5 --algo hanq --learning-rate 1e-1 1e-3 3.1623e-4 1e-4 --first-seed 5 --seed 1 $E
+ENV_ID=Acrobot-v1 SEEDS=25 run acrobot_lr4_rest --algo hanq --learning-rate 1e-4 --first-seed 5 --seed 1
+ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_lr4_s5 --algo dqn --learning-rate 1e-4 --tau 1e-3 --first-seed 5 \
+  --seed 1 -params "main_norm:['none','layer','l2']"

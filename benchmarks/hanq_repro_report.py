@@ -100,6 +100,9 @@ POOLS = (
     ("ep_dqn_lr_grid.json", "ep_dqn_ln30.json"),
     ("ep_dqn_lr_grid.json", "ep_dqn_l2n30.json"),
     ("ep_dqn_beta1_lr4.json", "ep_dqn_beta1_lr4_rest.json"),
+    ("ep_lr_grid.json", "ep_lr_grid_s5.json"),
+    ("acrobot_lr_4.json", "acrobot_lr4_rest.json"),
+    ("acrobot_dqn_lr4.json", "acrobot_dqn_lr4_s5.json"),
     *(
         (f"ep_{row}_lrs.json", f"ep_{row}30.json")
         for row in (
