@@ -29,12 +29,18 @@ from sb3_hanq.population.trainer import stacked_twin
 
 ENV = "DiscretePendulum-v1"
 STEPS = 200
+# test_member_equals_sb3_class compares float32 weights after EQUAL_STEPS steps. Two implementations that round
+# differently (another CPU, BLAS or torch build) stay within ~2e-6 of each other while no ReLU pre-activation lies
+# within rounding of 0; the first such kink on these trajectories comes at step 56 (symmetric HANQ) or 185 (RG),
+# after which the weights part by up to 1e-2 by step 200. Measured by perturbing the initial weights by one ulp
+# (16 per case): after 50 steps at most 5% of the tolerances; after 200 steps 3 of 36 runs failed them.
+EQUAL_STEPS = 50
 BATCH = 32
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    # "uniform": the equality tests compare 200-step trajectories, and any trajectory can meet a ReLU kink that
+    # "uniform": the equality tests compare 50- to 200-step trajectories, and any trajectory can meet a ReLU kink that
     # float rounding puts on different sides for the two implementations. Measured with the default ("episodes")
     # data of seed 0 (HANQ, kappa = 0.1, SG): equal to 7e-7 for 88 steps; at step 89 one first-layer
     # pre-activation is 1.2e-7 in SB3 and 0.0 in the population, and the weights part by 4e-4 from then on.
@@ -125,14 +131,14 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
     ],
 )
 def test_member_equals_sb3_class(cls, kwargs, algo, grid, dataset, monkeypatch):
-    """Member 0's weights and learning rate after 200 steps equal the SB3 class's, trained alone from the same
-    weights, data and minibatch indices; the other members (other hyperparameters) share the batch."""
+    """Member 0's weights and learning rate after EQUAL_STEPS steps equal the SB3 class's, trained alone from the
+    same weights, data and minibatch indices; the other members (other hyperparameters) share the batch."""
     model = cls("MlpPolicy", ENV, learning_rate=3e-3, batch_size=BATCH, seed=0, device="cpu", **kwargs)
-    initial, indices = train_alone(model, dataset, monkeypatch)
+    initial, indices = train_alone(model, dataset, monkeypatch, steps=EQUAL_STEPS)
     grid = dict(grid)
     grid.setdefault("learning_rate", [3e-3])
     members = make_members(algo, [0], **grid)
-    trainer = train_population_like(members, dataset, initial, indices)
+    trainer = train_population_like(members, dataset, initial, indices, steps=EQUAL_STEPS)
     assert_member_equals(trainer, 0, model, lr=model.current_learning_rate)
     # the second member really is different (no accidental sharing across members)
     other = next(g for g in trainer.groups if 1 in g.indices)
