@@ -218,3 +218,10 @@ SEEDS=5 run ep_lr_grid_s5 --algo hanq --learning-rate 1e-1 1e-3 3.1623e-4 1e-4 -
 ENV_ID=Acrobot-v1 SEEDS=25 run acrobot_lr4_rest --algo hanq --learning-rate 1e-4 --first-seed 5 --seed 1
 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_lr4_s5 --algo dqn --learning-rate 1e-4 --tau 1e-3 --first-seed 5 \
   --seed 1 -params "main_norm:['none','layer','l2']"
+# E11. Tables 4 and 8 towards the protocol's seeds: HANQ with kappa = 0 (Table 4's first column, 10 seeds in
+#     ep_kappa0) at 30, Table 4's nine normalisation pairs and Table 8's hypergradient DQN at 10 (seeds 5-9)
+SEEDS=20 run ep_kappa0_rest --algo hanq --learning-rate $LR --hyper-lr 0 --first-seed 10 --seed 1 $E
+SEEDS=5 run ep_table8_dqn_kappa_s5 --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-3 --tau 1 1e-3 --first-seed 5 \
+  --seed 1 $E
+SEEDS=5 run ep_table4_s5 --algo hanq --learning-rate $LR --hyper-lr 0 --first-seed 5 --seed 1 $E \
+  -params "meta_norm:['l2','layer','none']" "main_norm:['layer','l2','none']"

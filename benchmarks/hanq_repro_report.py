@@ -103,6 +103,9 @@ POOLS = (
     ("ep_lr_grid.json", "ep_lr_grid_s5.json"),
     ("acrobot_lr_4.json", "acrobot_lr4_rest.json"),
     ("acrobot_dqn_lr4.json", "acrobot_dqn_lr4_s5.json"),
+    ("ep_kappa0.json", "ep_kappa0_rest.json"),
+    ("ep_table8_dqn_kappa.json", "ep_table8_dqn_kappa_s5.json"),
+    ("ep_table4.json", "ep_table4_s5.json"),
     *(
         (f"ep_{row}_lrs.json", f"ep_{row}30.json")
         for row in (
