@@ -106,8 +106,12 @@ POOLS = (
     ("ep_kappa0.json", "ep_kappa0_rest.json"),
     ("ep_table8_dqn_kappa.json", "ep_table8_dqn_kappa_s5.json"),
     ("ep_table4.json", "ep_table4_s5.json"),
+    ("ep_dqn_lr_grid.json", "ep_dqn_lr_grid_s5.json"),
+    ("ep_dqn_beta_grid.json", "ep_dqn_beta_grid_s5.json"),
+    ("ep_dqn_beta1_lr3.json", "ep_dqn_beta1_lr3_s5.json"),
+    ("ep_table7_sg_lrs.json", "ep_table7_sg_lrs_s5.json"),
     *(
-        (f"ep_{row}_lrs.json", f"ep_{row}30.json")
+        (f"ep_{row}_lrs.json", f"ep_{row}{suffix}.json")
         for row in (
             "table2_no_metapred",
             "table2_no_bias",
@@ -117,6 +121,7 @@ POOLS = (
             "table3_no_ln",
             "table3_no_l2n",
         )
+        for suffix in ("30", "_lrs_s5")
     ),
 )
 
@@ -226,7 +231,7 @@ def main(argv: list[str]) -> None:
             env += f", data: {config.get('pendulum_start', 'uniform')}"
         key = f"{env}|{name}|{text}"
         groups.setdefault(key, []).append(member)
-    groups = pooled(groups)
+    groups, repeats = drop_repeats(pooled(groups))
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
         "",
@@ -268,6 +273,9 @@ def main(argv: list[str]) -> None:
                 f"{np.median(final_lr):.2g} | {frozen}/{len(group)} | {np.median(scales):.2f} |"
             )
     lines += tuned_table(groups, envs)
+    if repeats:
+        lines += ["", "**Repeated seeds** (a run that reran seeds another run of the same configuration has):", ""]
+        lines += repeats
     out_dir = dirs[0]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -410,6 +418,27 @@ def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, 
                 raise ValueError(f"POOLS: {first} and {extra} share seeds {sorted(seeds)}")
             out[f"{env}|{first.removesuffix('.json')}+{extra}|{text}"] = base + out.pop(key)
     return out
+
+
+def drop_repeats(groups: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """``groups`` without the pooled rows whose seeds another row of the same configuration has all of (E12's
+    grids repeat seeds 5-9 of three 30-seed cells), and one line per dropped row saying whether the repeated seeds
+    reproduced: the largest difference of a seed's score between the two runs."""
+    out, lines = dict(groups), []
+    for key, group in groups.items():
+        env, name, text = key.split("|")
+        seeds = {m["seed"]: m["average_score"] for m in group}
+        for other, other_group in groups.items():
+            o_env, o_name, o_text = other.split("|")
+            if "+" not in name or other == key or (o_env, o_text) != (env, text):
+                continue
+            other_seeds = {m["seed"]: m["average_score"] for m in other_group}
+            if set(seeds) < set(other_seeds):
+                diff = max(abs(seeds[s] - other_seeds[s]) for s in seeds)
+                lines.append(f"- {text} ({env}): {name} repeats seeds of {o_name}; largest score difference {diff:.2g}")
+                out.pop(key, None)
+                break
+    return out, lines
 
 
 def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, list[str]]]:

@@ -84,7 +84,8 @@ def test_pendulum_start_states_are_uniform():
 def test_pendulum_start_readings(pendulum_data):
     """``pendulum_start="reset"``: one transition from each standard reset (theta_dot ~ U[-1, 1]);
     ``"episodes"`` (the default): random-action trajectories of 200 steps from standard resets; ``"trajectory"``:
-    one 1000-step trajectory from one standard reset; anything else is refused."""
+    one 1000-step trajectory from one standard reset; ``"uniform_episodes"``: 200-step episodes from uniform start
+    states (theta_dot ~ U[-8, 8]); anything else is refused."""
     reset = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="reset")
     theta = np.arctan2(reset.observations[:, 1], reset.observations[:, 0])
     assert _ks_uniform(theta, -np.pi, np.pi) < 0.062
@@ -105,6 +106,14 @@ def test_pendulum_start_readings(pendulum_data):
         trajectory.observations, episodes.observations
     )
     assert trajectory.episode_ends().tolist() == [999]
+    uniform_episodes = collect_dataset("DiscretePendulum-v1", 1000, seed=0, pendulum_start="uniform_episodes")
+    chained = np.isclose(uniform_episodes.next_observations[:-1], uniform_episodes.observations[1:], atol=1e-6)
+    assert np.flatnonzero(~chained.all(axis=1)).tolist() == [199, 399, 599, 799]  # 200-step episodes, as "episodes"
+    np.testing.assert_array_equal(uniform_episodes.actions, episodes.actions)  # the same action stream
+    speeds = collect_dataset("DiscretePendulum-v1", 4000, seed=1, pendulum_start="uniform_episodes").observations
+    starts = speeds[::200, 2]  # 20 episode starts, theta_dot ~ U[-8, 8]: P(all 20 within [-1, 1]) = 8^-20
+    assert np.abs(starts).max() > 1.0 and (np.abs(starts) <= 8.0).all()
+    assert _ks_uniform(starts, -8.0, 8.0) < 0.43  # KS critical value at alpha = 0.001 for n = 20 (1.95 / sqrt(20))
     with pytest.raises(ValueError, match="pendulum_start"):
         collect_dataset("DiscretePendulum-v1", 10, pendulum_start="full")
 

@@ -279,7 +279,7 @@ class OfflineDataset:
 
 
 #: Readings of the Pendulum dataset (see :func:`collect_dataset`).
-PENDULUM_STARTS = ("uniform", "reset", "episodes", "trajectory")
+PENDULUM_STARTS = ("uniform", "reset", "episodes", "trajectory", "uniform_episodes")
 
 
 def collect_dataset(
@@ -293,7 +293,7 @@ def collect_dataset(
 
     - **Pendulum** (``DiscretePendulum-v1`` and ``Pendulum-v1``): "1000 samples of state-action pairs,
       using uniformly sampled initial states" (§11, after Xiao et al., 2022; §3.1 says "using a uniformly
-      sampled initial state"). Three readings (``pendulum_start``):
+      sampled initial state"). Five readings (``pendulum_start``):
 
       - ``"episodes"`` (default): random-action episodes from standard resets (§3.1's singular "a uniformly
         sampled initial state"; Pendulum's reset draws ``theta ~ U[-pi, pi)``, ``theta_dot ~ U[-1, 1]``), as for
@@ -304,7 +304,10 @@ def collect_dataset(
         whole state space (§11 contrasts these states with CartPole's and Acrobot's "standard initial states");
       - ``"reset"``: one transition from each of ``n_samples`` standard resets;
       - ``"trajectory"``: one random-action trajectory of ``n_samples`` steps from one standard reset, without
-        the 200-step time limit (§3.1's singular read most literally: "a uniformly sampled initial state").
+        the 200-step time limit (§3.1's singular read most literally: "a uniformly sampled initial state");
+      - ``"uniform_episodes"``: random-action episodes as ``"episodes"``, each from a start state drawn as in
+        ``"uniform"`` (§11 read with "initial states" as the episodes' starts: "uniformly sampled initial states,
+        taking uniformly random actions").
 
       Only ``"episodes"`` gives the paper's ordering (population trainer, 200k gradient steps, lr 10^-2.5,
       10 seeds, ``benchmarks/results/hanq_repro/``): HANQ 85.0 against DQN (β = 10^-3) 46.8, where the paper
@@ -346,10 +349,12 @@ def collect_dataset(
         terminations = np.zeros(n_samples, dtype=np.float32)
 
         pendulum = env.unwrapped if isinstance(env.unwrapped, PendulumEnv) else None
+        uniform_state = (
+            {"x_init": np.pi, "y_init": float(pendulum.max_speed)}
+            if pendulum is not None and pendulum_start in ("uniform", "uniform_episodes")
+            else None
+        )
         if pendulum is not None and pendulum_start in ("uniform", "reset"):
-            uniform_state = (
-                {"x_init": np.pi, "y_init": float(pendulum.max_speed)} if pendulum_start == "uniform" else None
-            )
             for i in range(n_samples):
                 # A fresh start state per transition (also resets the TimeLimit counter).
                 obs, _ = env.reset(seed=seed if i == 0 else None, options=uniform_state)
@@ -358,13 +363,13 @@ def collect_dataset(
                 observations[i], actions[i], rewards[i] = obs, action, reward
                 next_observations[i], terminations[i] = next_obs, float(terminated)
         else:
-            obs, _ = env.reset(seed=seed)
+            obs, _ = env.reset(seed=seed, options=uniform_state)
             for i in range(n_samples):
                 action = env.action_space.sample()
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 observations[i], actions[i], rewards[i] = obs, action, reward
                 next_observations[i], terminations[i] = next_obs, float(terminated)
-                obs = env.reset()[0] if (terminated or truncated) else next_obs
+                obs = env.reset(options=uniform_state)[0] if (terminated or truncated) else next_obs
     finally:
         env.close()
     return OfflineDataset(observations, actions, rewards, next_observations, terminations, env_id=env_id)
