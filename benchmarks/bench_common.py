@@ -1,4 +1,4 @@
-"""Helpers shared by the off-policy speed benchmarks."""
+"""Helpers shared by the speed benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 
 
@@ -33,3 +34,26 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer", type=int, default=10_000, help="random transitions in the replay buffer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def torch_device(name: str) -> th.device:
+    """The ``--device`` option as a torch device, or an error naming it when torch sees no such GPU (SB3 would
+    fall back to the CPU silently, and the table would call CPU timings GPU ones)."""
+    device = th.device(name)
+    if device.type == "cuda" and not th.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {th.__version__} sees no CUDA device")
+    return device
+
+
+def synchronize(device: th.device | str) -> None:
+    """Wait for the kernels queued on ``device`` (a CUDA device runs them asynchronously): call it before reading
+    a clock, so that a timed interval holds its own work and no earlier one's."""
+    device = th.device(device)
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def device_name(device: th.device | str) -> str:
+    """How the result tables name the device: "CPU", or the GPU's model as CUDA reports it."""
+    device = th.device(device)
+    return th.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
