@@ -238,8 +238,9 @@ run ue_dqn --algo dqn --learning-rate $LR --tau 1e-3 $UE -params "main_norm:['no
 #     seeds 5-9 for every grid cell still at 5 (pooled with its grid by the report, POOLS), so that each row's best
 #     cell is selected on 10 seeds: DQN's learning-rate grid (beta = 10^-3) and beta grid (lr 10^-2.5) for DQN,
 #     DQN-LN and DQN-l2N, then each ablation's learning-rate grid without the cell already at 30 seeds. The DQN grids
-#     are whole products, so three of their cells repeat seeds 5-9 of a 30-seed cell (same seeds, same minibatch
-#     stream: a reproducibility check; the report keeps the 30-seed run).
+#     are whole products, so three of their cells repeat seeds 5-9 of a 30-seed cell (same datasets and initial
+#     weights; the minibatch stream is drawn for the whole population, so other minibatches: the report keeps the
+#     30-seed run and says how far the repeated seeds moved).
 SEEDS=5 run ep_dqn_lr_grid_s5 --algo dqn --learning-rate 3.1623e-2 1e-2 1e-3 3.1623e-4 --tau 1e-3 --first-seed 5 \
   --seed 1 $E -params "main_norm:['none','layer','l2']"
 SEEDS=5 run ep_dqn_beta_grid_s5 --algo dqn --learning-rate $LR --tau 1e-1 1e-2 1e-4 --first-seed 5 --seed 1 $E \
