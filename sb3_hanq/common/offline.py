@@ -312,7 +312,8 @@ def collect_dataset(
       Only ``"episodes"`` gives the paper's ordering (population trainer, 200k gradient steps, lr 10^-2.5,
       10 seeds, ``benchmarks/results/hanq_repro/``): HANQ 85.0 against DQN (β = 10^-3) 46.8, where the paper
       has 100.1 and 72.4 (Table 1). Under ``"uniform"`` DQN scores 100.1 and HANQ 73.1, and under ``"reset"``
-      HANQ 37.5 and DQN 17.2 (5 seeds). (``"uniform"`` was the default until issue #14 settled it.)
+      HANQ 37.5 and DQN 17.2 (5 seeds). Under ``"uniform_episodes"`` DQN scores 87.5 and HANQ 70.6 (10 seeds).
+      (``"uniform"`` was the default until issue #14 settled it.)
 
       ``terminations`` are all 0 (Pendulum never terminates).
     - **Any other environment** (CartPole, Acrobot: 10k samples; Atari: 100k, §11): standard resets,
