@@ -260,3 +260,15 @@ SEEDS=5 run ep_dqn_beta1_lr3_s5 --algo dqn --learning-rate 1e-3 --tau 1 $S5 -par
 #     one run per learning rate (one per lane)
 run ep_dqn_lr1 --algo dqn --learning-rate 1e-1 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
 run ep_dqn_lr4 --algo dqn --learning-rate 1e-4 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
+# E14. the grid's ends for Tables 2, 3 and 7 (each ablation ran 10^-1.5 ... 10^-3.5; §11's set is 10^-1 ... 10^-4):
+#     10^-1 and 10^-4, 10 seeds; first the rows whose best cell is next to an end (w/o any pred. at 10^-3,
+#     w/o l2N at 10^-1.5)
+END_LRS="1e-1 1e-4"
+run ep_table2_no_pred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:none
+run ep_table3_no_l2n_ends --algo hanq --learning-rate $END_LRS $E -params meta_norm:none
+run ep_table2_no_metapred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:scalar
+run ep_table2_no_bias_ends --algo hanq --learning-rate $END_LRS $E -params predictor_bias:False
+run ep_table2_no_scale_ends --algo hanq --learning-rate $END_LRS $E -params positive_scale:False
+run ep_table2_symmetrized_ends --algo hanq --learning-rate $END_LRS $E -params symmetric:True
+run ep_table3_no_ln_ends --algo hanq --learning-rate $END_LRS $E -params main_norm:none
+run ep_table7_sg_ends --algo hanq --learning-rate $END_LRS --hyper-objective sg $E
