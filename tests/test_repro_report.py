@@ -1,0 +1,69 @@
+"""The reproduction report's bookkeeping (``benchmarks/hanq_repro_report.py``): which seeds are pooled, which
+cell a tuned row reports, and which repeated runs are dropped. These decide the numbers the docs publish."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hanq_repro_report.py"
+_spec = importlib.util.spec_from_file_location("hanq_repro_report", _PATH)
+assert _spec is not None and _spec.loader is not None
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+ENV = "DiscretePendulum-v1, data: episodes"
+TEXT = "DQN-LN, beta 0.001, lr 0.00032"
+
+
+def members(scores: dict[int, float]) -> list[dict[str, Any]]:
+    return [{"seed": seed, "average_score": score} for seed, score in scores.items()]
+
+
+def test_pooled_joins_an_add_on_run_and_refuses_shared_seeds():
+    first, extra = report.POOLS[0]
+    groups = {
+        f"{ENV}|{first}|{TEXT}": members({0: 1.0, 1: 2.0}),
+        f"{ENV}|{extra}|{TEXT}": members({2: 3.0, 3: 4.0}),
+        f"{ENV}|{extra}|other configuration": members({2: 5.0}),  # no base row: left as it is
+    }
+    out = report.pooled(groups)
+    key = f"{ENV}|{first.removesuffix('.json')}+{extra}|{TEXT}"
+    assert sorted(m["seed"] for m in out[key]) == [0, 1, 2, 3]
+    assert f"{ENV}|{extra}|{TEXT}" not in out and f"{ENV}|{first}|{TEXT}" in out
+    assert f"{ENV}|{extra}|other configuration" in out
+    groups[f"{ENV}|{extra}|{TEXT}"] = members({1: 3.0, 2: 4.0})
+    with pytest.raises(ValueError, match="share seeds"):
+        report.pooled(groups)
+
+
+def test_best_cell_selects_on_shared_seeds_and_reports_all():
+    rerun = ("a+rerun.json", members({0: 50.0, 1: 50.0, **{s: 95.0 for s in range(2, 30)}}))
+    lucky = ("b.json", members({0: 60.0, 1: 60.0}))
+    (name, group), shared = report.best_cell([rerun, lucky])
+    assert (name, shared) == ("b.json", 2)  # 60 > 50 on seeds 0-1, though the rerun's 30-seed mean is higher
+    (name, group), shared = report.best_cell([rerun, ("c.json", members({0: 40.0, 1: 40.0}))])
+    assert name == "a+rerun.json" and len(group) == 30
+
+
+def test_drop_repeats_keeps_the_larger_run_and_compares_the_repeated_seeds():
+    base = {0: 10.0, 1: 20.0}
+    small = f"{ENV}|grid+grid_s5.json|{TEXT}"
+    large = f"{ENV}|grid+rest30.json|{TEXT}"
+    groups = {
+        small: members({**base, 2: 30.0, 3: 70.0}),
+        large: members({**base, 2: 40.0, 3: 40.0, 4: 0.0}),
+        f"{ENV}|grid+grid_s5.json|another": members({**base, 2: 30.0}),  # no larger run: kept
+    }
+    out, lines = report.drop_repeats(groups)
+    assert small not in out and large in out and f"{ENV}|grid+grid_s5.json|another" in out
+    # seeds 0-1 are the shared base run (identical), so only seeds 2-3 are compared: means 50 and 40, largest 30
+    assert lines == [
+        f"- {TEXT} ({ENV}): grid+grid_s5.json repeats seeds of grid+rest30.json; mean over seeds 2-3 50.0 "
+        "against 40.0, largest difference of one seed 30.0"
+    ]
+    identical = {small: members(base), large: members({**base, 2: 1.0})}
+    assert report.drop_repeats(identical)[1][0].endswith("identical scores")
