@@ -410,19 +410,24 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
 
 def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """``groups`` with each add-on run of :data:`POOLS` pooled with its earlier run, configuration by configuration
-    (the pooled row is named ``earlier+add-on``); refuses pools whose seeds overlap."""
+    (the pooled row is named ``earlier+add-on``); refuses pools whose seeds overlap. In :data:`POOLS` order, so
+    that an earlier run can itself be a pooled row (``a+b.json`` with ``c.json`` gives ``a+b+c.json``, which
+    replaces ``a+b.json``)."""
     out = dict(groups)
     for first, extra in POOLS:
         for key in list(out):
             env, name, text = key.split("|")
             if name != extra:
                 continue
-            base = groups.get(f"{env}|{first}|{text}")
+            base_key = f"{env}|{first}|{text}"
+            base = out.get(base_key)
             if base is None:
                 continue
             seeds = [m["seed"] for m in base + out[key]]
             if len(set(seeds)) != len(seeds):
                 raise ValueError(f"POOLS: {first} and {extra} share seeds {sorted(seeds)}")
+            if "+" in first:
+                del out[base_key]  # a pooled row, extended
             out[f"{env}|{first.removesuffix('.json')}+{extra}|{text}"] = base + out.pop(key)
     return out
 

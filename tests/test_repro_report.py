@@ -40,6 +40,19 @@ def test_pooled_joins_an_add_on_run_and_refuses_shared_seeds():
         report.pooled(groups)
 
 
+def test_pooled_chains_in_order(monkeypatch):
+    """A pooled row (``a+b.json``) can be pooled again (``a+b+c.json``), which replaces it."""
+    monkeypatch.setattr(report, "POOLS", (("a.json", "b.json"), ("a+b.json", "c.json")))
+    groups = {
+        f"{ENV}|a.json|{TEXT}": members({0: 1.0}),
+        f"{ENV}|b.json|{TEXT}": members({1: 2.0}),
+        f"{ENV}|c.json|{TEXT}": members({2: 3.0, 3: 4.0}),
+    }
+    out = report.pooled(groups)
+    assert sorted(out) == [f"{ENV}|a+b+c.json|{TEXT}", f"{ENV}|a.json|{TEXT}"]
+    assert sorted(m["seed"] for m in out[f"{ENV}|a+b+c.json|{TEXT}"]) == [0, 1, 2, 3]
+
+
 def test_best_cell_selects_on_shared_seeds_and_reports_all():
     rerun = ("a+rerun.json", members({0: 50.0, 1: 50.0, **{s: 95.0 for s in range(2, 30)}}))
     lucky = ("b.json", members({0: 60.0, 1: 60.0}))
