@@ -24,10 +24,14 @@ LANES=${LANES:-1}
 THREADS=${THREADS:-$((LANES > 1 ? 1 : 2))}
 mkdir -p "$OUT"
 index=0
-run() {  # run <name> <population CLI arguments...>
+run() {  # run <name> <population CLI arguments...>; ON_LANE=<lane> pins a run to a lane (else lanes alternate)
   local name=$1; shift
-  index=$((index + 1))
-  [ $(((index - 1) % LANES)) -eq "$LANE" ] || return 0
+  if [ -n "${ON_LANE:-}" ] && [ "$LANES" -gt 1 ]; then
+    [ $((ON_LANE % LANES)) -eq "$LANE" ] || return 0
+  else
+    index=$((index + 1))
+    [ $(((index - 1) % LANES)) -eq "$LANE" ] || return 0
+  fi
   [ -f "$OUT/$name.json" ] && { echo "done: $name"; return; }
   echo "start: $name $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
   $PY -m sb3_hanq.population --env "${ENV_ID:-DiscretePendulum-v1}" --seeds "$SEEDS" --gradient-steps "$STEPS" \
@@ -260,15 +264,28 @@ SEEDS=5 run ep_dqn_beta1_lr3_s5 --algo dqn --learning-rate 1e-3 --tau 1 $S5 -par
 #     one run per learning rate (one per lane)
 run ep_dqn_lr1 --algo dqn --learning-rate 1e-1 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
 run ep_dqn_lr4 --algo dqn --learning-rate 1e-4 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
+# E15. the rows whose best cell moved when the grids reached 10 seeds (E12), their new best cell at 30 seeds: seeds
+#     10-29, pooled with the cell's seeds 0-9 by the report (POOLS). Pinned to lanes (ON_LANE), so that runs added
+#     later do not move runs between lanes.
+ON_LANE=0 SEEDS=20 run ep_dqn_ln_lr3_rest --algo dqn --learning-rate 1e-3 --tau 1e-3 --first-seed 10 --seed 1 $E \
+  -params main_norm:layer
+ON_LANE=1 SEEDS=20 run ep_table2_no_bias_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E \
+  -params predictor_bias:False
+ON_LANE=0 SEEDS=20 run ep_table2_no_metapred_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E \
+  -params predictor:scalar
+ON_LANE=1 SEEDS=20 run ep_table2_symmetrized_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 \
+  $E -params symmetric:True
+ON_LANE=0 SEEDS=20 run ep_table2_no_scale_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 $E \
+  -params positive_scale:False
 # E14. the grid's ends for Tables 2, 3 and 7 (each ablation ran 10^-1.5 ... 10^-3.5; §11's set is 10^-1 ... 10^-4):
 #     10^-1 and 10^-4, 10 seeds; first the rows whose best cell is next to an end (w/o any pred. at 10^-3,
 #     w/o l2N at 10^-1.5)
 END_LRS="1e-1 1e-4"
-run ep_table2_no_pred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:none
-run ep_table3_no_l2n_ends --algo hanq --learning-rate $END_LRS $E -params meta_norm:none
-run ep_table2_no_metapred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:scalar
-run ep_table2_no_bias_ends --algo hanq --learning-rate $END_LRS $E -params predictor_bias:False
-run ep_table2_no_scale_ends --algo hanq --learning-rate $END_LRS $E -params positive_scale:False
-run ep_table2_symmetrized_ends --algo hanq --learning-rate $END_LRS $E -params symmetric:True
-run ep_table3_no_ln_ends --algo hanq --learning-rate $END_LRS $E -params main_norm:none
-run ep_table7_sg_ends --algo hanq --learning-rate $END_LRS --hyper-objective sg $E
+ON_LANE=1 run ep_table2_no_pred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:none
+ON_LANE=0 run ep_table3_no_l2n_ends --algo hanq --learning-rate $END_LRS $E -params meta_norm:none
+ON_LANE=1 run ep_table2_no_metapred_ends --algo hanq --learning-rate $END_LRS $E -params predictor:scalar
+ON_LANE=0 run ep_table2_no_bias_ends --algo hanq --learning-rate $END_LRS $E -params predictor_bias:False
+ON_LANE=1 run ep_table2_no_scale_ends --algo hanq --learning-rate $END_LRS $E -params positive_scale:False
+ON_LANE=0 run ep_table2_symmetrized_ends --algo hanq --learning-rate $END_LRS $E -params symmetric:True
+ON_LANE=1 run ep_table3_no_ln_ends --algo hanq --learning-rate $END_LRS $E -params main_norm:none
+ON_LANE=0 run ep_table7_sg_ends --algo hanq --learning-rate $END_LRS --hyper-objective sg $E

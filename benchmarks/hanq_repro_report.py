@@ -123,6 +123,12 @@ POOLS = (
         )
         for suffix in ("30", "_lrs_s5")
     ),
+    # E15: a row's new best cell (selected on 10 seeds) at 30: seeds 10-29 after the cell's seeds 0-9
+    ("ep_dqn_lr_grid+ep_dqn_lr_grid_s5.json", "ep_dqn_ln_lr3_rest.json"),
+    ("ep_table2_no_bias.json", "ep_table2_no_bias_rest.json"),
+    ("ep_table2_no_metapred.json", "ep_table2_no_metapred_rest.json"),
+    ("ep_table2_symmetrized_lrs+ep_table2_symmetrized_lrs_s5.json", "ep_table2_symmetrized_lr15_rest.json"),
+    ("ep_table2_no_scale_lrs+ep_table2_no_scale_lrs_s5.json", "ep_table2_no_scale_lr15_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
