@@ -265,7 +265,8 @@ SEEDS=5 run ep_dqn_beta1_lr3_s5 --algo dqn --learning-rate 1e-3 --tau 1 $S5 -par
 run ep_dqn_lr1 --algo dqn --learning-rate 1e-1 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
 run ep_dqn_lr4 --algo dqn --learning-rate 1e-4 --tau 1e-3 $E -params "main_norm:['none','layer','l2']"
 # E15. the rows whose best cell moved when the grids reached 10 seeds (E12), their new best cell at 30 seeds: seeds
-#     10-29, pooled with the cell's seeds 0-9 by the report (POOLS). Pinned to lanes (ON_LANE), so that runs added
+#     10-29, pooled with the cell's seeds 0-9 by the report (POOLS); w/o l2N's cells are all within 9-12 and w/o
+#     LN's within 13-17, so their moves are noise, but the protocol reruns the selected cell. Pinned to lanes (ON_LANE), so that runs added
 #     later do not move runs between lanes.
 ON_LANE=0 SEEDS=20 run ep_dqn_ln_lr3_rest --algo dqn --learning-rate 1e-3 --tau 1e-3 --first-seed 10 --seed 1 $E \
   -params main_norm:layer
@@ -277,6 +278,10 @@ ON_LANE=1 SEEDS=20 run ep_table2_symmetrized_lr15_rest --algo hanq --learning-ra
   $E -params symmetric:True
 ON_LANE=0 SEEDS=20 run ep_table2_no_scale_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 $E \
   -params positive_scale:False
+ON_LANE=1 SEEDS=20 run ep_table3_no_l2n_lr3_rest --algo hanq --learning-rate 1e-3 --first-seed 10 --seed 1 $E \
+  -params meta_norm:none
+ON_LANE=0 SEEDS=20 run ep_table3_no_ln_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 $E \
+  -params main_norm:none
 # E14. the grid's ends for Tables 2, 3 and 7 (each ablation ran 10^-1.5 ... 10^-3.5; §11's set is 10^-1 ... 10^-4):
 #     10^-1 and 10^-4, 10 seeds; first the rows whose best cell is next to an end (w/o any pred. at 10^-3,
 #     w/o l2N at 10^-1.5)
