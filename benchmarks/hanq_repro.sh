@@ -270,18 +270,20 @@ run ep_dqn_lr4 --algo dqn --learning-rate 1e-4 --tau 1e-3 $E -params "main_norm:
 #     later do not move runs between lanes.
 ON_LANE=0 SEEDS=20 run ep_dqn_ln_lr3_rest --algo dqn --learning-rate 1e-3 --tau 1e-3 --first-seed 10 --seed 1 $E \
   -params main_norm:layer
+ON_LANE=1 SEEDS=20 run ep_table7_sg_lr2_rest --algo hanq --learning-rate 1e-2 --hyper-objective sg --first-seed 10 \
+  --seed 1 $E
 ON_LANE=1 SEEDS=20 run ep_table2_no_bias_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E \
   -params predictor_bias:False
 ON_LANE=0 SEEDS=20 run ep_table2_no_metapred_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1 $E \
   -params predictor:scalar
-ON_LANE=1 SEEDS=20 run ep_table2_symmetrized_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 \
-  $E -params symmetric:True
 ON_LANE=0 SEEDS=20 run ep_table2_no_scale_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 $E \
   -params positive_scale:False
 ON_LANE=1 SEEDS=20 run ep_table3_no_l2n_lr3_rest --algo hanq --learning-rate 1e-3 --first-seed 10 --seed 1 $E \
   -params meta_norm:none
 ON_LANE=0 SEEDS=20 run ep_table3_no_ln_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 $E \
   -params main_norm:none
+ON_LANE=1 SEEDS=20 run ep_table2_symmetrized_lr15_rest --algo hanq --learning-rate 3.1623e-2 --first-seed 10 --seed 1 \
+  $E -params symmetric:True
 # E14. the grid's ends for Tables 2, 3 and 7 (each ablation ran 10^-1.5 ... 10^-3.5; §11's set is 10^-1 ... 10^-4):
 #     10^-1 and 10^-4, 10 seeds; first the rows whose best cell is next to an end (w/o any pred. at 10^-3,
 #     w/o l2N at 10^-1.5)

@@ -131,6 +131,7 @@ POOLS = (
     ("ep_table2_no_scale_lrs+ep_table2_no_scale_lrs_s5.json", "ep_table2_no_scale_lr15_rest.json"),
     ("ep_table3_no_l2n_lrs+ep_table3_no_l2n_lrs_s5.json", "ep_table3_no_l2n_lr3_rest.json"),
     ("ep_table3_no_ln_lrs+ep_table3_no_ln_lrs_s5.json", "ep_table3_no_ln_lr15_rest.json"),
+    ("ep_table7_sg_lrs+ep_table7_sg_lrs_s5.json", "ep_table7_sg_lr2_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
