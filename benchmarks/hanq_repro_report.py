@@ -252,7 +252,7 @@ def main(argv: list[str]) -> None:
         "(§4); IQM and 95% stratified-bootstrap CI from rliable. The paper tunes the learning rate (and beta for "
         "DQN); rows here use the stated ones. `frozen`: runs whose final learning rate is below 10^-6.",
     ]
-    order = ["episodes", "trajectory", "uniform", "reset"]
+    order = ["episodes", "uniform_episodes", "trajectory", "uniform", "reset"]
     envs = sorted(
         {key.split("|")[0] for key in groups},
         key=lambda e: (not e.startswith("DiscretePendulum"), order.index(e.split(": ")[1]) if ": " in e else 0, e),
@@ -477,7 +477,7 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     the 30-seed run (curves.png), the ablations of Tables 2, 3 and 7 (curves_ablations.png), Table 4's
     normalisations (curves_table4.png), DQN (Tables 1 and 8: curves_dqn.png), the learning-rate grid
     (curves_lr.png), the kappa grid with kappa = 0 (curves_kappa.png); the 5-seed runs of the "reset",
-    "episodes" and "trajectory" readings (curves_datasets.png); the "uniform" reading's runs
+    "episodes", "trajectory" and 10-seed "uniform_episodes" readings (curves_datasets.png); the "uniform" reading's runs
     (curves_uniform{,_ablations,_dqn}.png); per other environment, one file for the rest and one for its
     ablations per learning rate (``acrobot4_*``: 10^-4). The ablations' learning-rate grids (``*_lrs``) are drawn
     against the learning rate instead (lr_sensitivity.png)."""
@@ -497,8 +497,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
                 part = "_ablations_lr4" if lr4 else "_ablations"
                 what = f": ablations (Tables 2, 3, 7), lr {'10^-4' if lr4 else '10^-2.5'}"
             figure, title = f"curves_{env.split('-')[0].lower()}{part}.png", f"{env}, offline{what}"
-        elif name.startswith(("reset", "episodes_", "traj_")):
-            figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5 seeds)"
+        elif name.startswith(("reset", "episodes_", "traj_", "ue_")):
+            figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5-10 seeds)"
         elif env.endswith("episodes"):
             kind = name.removeprefix("ep_").removeprefix("episodes10_")
             if kind.startswith(("table2", "table3", "table7")):
