@@ -88,6 +88,16 @@ PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
     },
 }
 
+#: The ablation rows of Tables 2 and 3 as the queue names their files (``ep_<row>_lrs.json``, ``acrobot4_<row>.json``)
+ABLATION_FILES = tuple(
+    f"table{table}_{short}"
+    for table, shorts in (
+        (2, ("no_metapred", "no_bias", "no_scale", "no_pred", "symmetrized")),
+        (3, ("no_ln", "no_l2n")),
+    )
+    for short in shorts
+)
+
 #: Runs that add seeds to an earlier one (``--first-seed``): (earlier file, add-on file). The report shows the
 #: earlier run's row as it is, and in place of the add-on's row the two pooled (configurations matched by label).
 POOLS = (
@@ -110,19 +120,7 @@ POOLS = (
     ("ep_dqn_beta_grid.json", "ep_dqn_beta_grid_s5.json"),
     ("ep_dqn_beta1_lr3.json", "ep_dqn_beta1_lr3_s5.json"),
     ("ep_table7_sg_lrs.json", "ep_table7_sg_lrs_s5.json"),
-    *(
-        (f"ep_{row}_lrs.json", f"ep_{row}{suffix}.json")
-        for row in (
-            "table2_no_metapred",
-            "table2_no_bias",
-            "table2_no_scale",
-            "table2_no_pred",
-            "table2_symmetrized",
-            "table3_no_ln",
-            "table3_no_l2n",
-        )
-        for suffix in ("30", "_lrs_s5")
-    ),
+    *((f"ep_{row}_lrs.json", f"ep_{row}{suffix}.json") for row in ABLATION_FILES for suffix in ("30", "_lrs_s5")),
     # E15: a row's new best cell (selected on 10 seeds) at 30: seeds 10-29 after the cell's seeds 0-9
     ("ep_dqn_lr_grid+ep_dqn_lr_grid_s5.json", "ep_dqn_ln_lr3_rest.json"),
     ("ep_table2_no_bias.json", "ep_table2_no_bias_rest.json"),
@@ -132,6 +130,8 @@ POOLS = (
     ("ep_table3_no_l2n_lrs+ep_table3_no_l2n_lrs_s5.json", "ep_table3_no_l2n_lr3_rest.json"),
     ("ep_table3_no_ln_lrs+ep_table3_no_ln_lrs_s5.json", "ep_table3_no_ln_lr15_rest.json"),
     ("ep_table7_sg_lrs+ep_table7_sg_lrs_s5.json", "ep_table7_sg_lr2_rest.json"),
+    # E16: Acrobot's ablations, seeds 5-9 at 10^-4 after acrobot4_*'s 0-4 (their 10^-3 and 10^-3.5 cells stand alone)
+    *((f"acrobot4_{row}.json", f"acrobot_{row}_lrs.json") for row in (*ABLATION_FILES, "table7_sg")),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
@@ -301,9 +301,12 @@ def main(argv: list[str]) -> None:
     for figure, title, keys in written:
         plot_curves(out_dir / figure, title, {k: groups[k] for k in keys})
         print(f"wrote {out_dir / figure}")
-    episodes = "DiscretePendulum-v1, data: episodes"
-    if plot_lr_sensitivity(out_dir / "lr_sensitivity.png", "Pendulum", tuned_rows(groups, episodes)):
-        print(f"wrote {out_dir / 'lr_sensitivity.png'}")
+    for env_id, title, figure in (
+        ("DiscretePendulum-v1, data: episodes", "Pendulum", "lr_sensitivity.png"),
+        ("Acrobot-v1", "Acrobot", "lr_sensitivity_acrobot.png"),
+    ):
+        if plot_lr_sensitivity(out_dir / figure, title, tuned_rows(groups, env_id)):
+            print(f"wrote {out_dir / figure}")
 
 
 def tuned_key(h: dict[str, Any], algo: str) -> str:
@@ -480,7 +483,7 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     "episodes", "trajectory" and 10-seed "uniform_episodes" readings (curves_datasets.png); the "uniform" reading's runs
     (curves_uniform{,_ablations,_dqn}.png); per other environment, one file for the rest and one for its
     ablations per learning rate (``acrobot4_*``: 10^-4). The ablations' learning-rate grids (``*_lrs``) are drawn
-    against the learning rate instead (lr_sensitivity.png)."""
+    against the learning rate instead (lr_sensitivity.png, lr_sensitivity_acrobot.png)."""
     out: dict[str, tuple[str, list[str]]] = {}
     parts = [key.split("|") for key in groups]
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
