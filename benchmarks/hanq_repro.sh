@@ -316,3 +316,9 @@ for i in "${!ACROBOT_ROWS[@]}"; do
   ON_LANE=$((i % 2)) ENV_ID=Acrobot-v1 SEEDS=5 run "acrobot_${row}_lrs" --algo hanq --learning-rate 1e-3 3.1623e-4 \
     1e-4 --first-seed 5 --seed 1 ${ACROBOT_ROWS[i]#*|}
 done
+# E17. Table 1's DQN rows on Acrobot at 30 seeds: their best cell (lr 10^-4, beta = 10^-3, 10 seeds: 91.3 / 91.9 /
+#     89.2) with seeds 10-29, as HANQ's (acrobot_lr4_rest); one run of 10 seeds per lane
+for i in 0 1; do
+  ON_LANE=$i ENV_ID=Acrobot-v1 run "acrobot_dqn_lr4_rest$i" --algo dqn --learning-rate 1e-4 --tau 1e-3 \
+    --first-seed $((10 + 10 * i)) --seed $((2 + i)) -params "main_norm:['none','layer','l2']"
+done
