@@ -132,6 +132,9 @@ POOLS = (
     ("ep_table7_sg_lrs+ep_table7_sg_lrs_s5.json", "ep_table7_sg_lr2_rest.json"),
     # E16: Acrobot's ablations, seeds 5-9 at 10^-4 after acrobot4_*'s 0-4 (their 10^-3 and 10^-3.5 cells stand alone)
     *((f"acrobot4_{row}.json", f"acrobot_{row}_lrs.json") for row in (*ABLATION_FILES, "table7_sg")),
+    # E17: Acrobot's DQN rows at 30 seeds (seeds 10-19 and 20-29)
+    ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5.json", "acrobot_dqn_lr4_rest0.json"),
+    ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5+acrobot_dqn_lr4_rest0.json", "acrobot_dqn_lr4_rest1.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
