@@ -322,3 +322,11 @@ for i in 0 1; do
   ON_LANE=$i ENV_ID=Acrobot-v1 run "acrobot_dqn_lr4_rest$i" --algo dqn --learning-rate 1e-4 --tau 1e-3 \
     --first-seed $((10 + 10 * i)) --seed $((2 + i)) -params "main_norm:['none','layer','l2']"
 done
+# E18. Table 1 on CartPole tuned over learning rates (HANQ ran at 10^-2.5 only, 10 seeds: 20.5, paper 24.0): HANQ's
+#     other six cells with 5 seeds, the ones next to 10^-2.5 first; DQN, DQN-LN and DQN-l2N (beta = 10^-3) at
+#     10^-3 and 10^-4 (5 seeds; at 10^-2.5 they score under the paper's as on Pendulum)
+ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_mid --algo hanq --learning-rate 1e-2 1e-3
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_low --algo hanq --learning-rate 3.1623e-4 1e-4
+ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_high --algo hanq --learning-rate 1e-1 3.1623e-2
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn_lr34 --algo dqn --learning-rate 1e-3 1e-4 --tau 1e-3 \
+  -params "main_norm:['none','layer','l2']"
