@@ -20,7 +20,7 @@ from typing import Any
 from sb3_hanq.common.offline import PENDULUM_STARTS
 from sb3_hanq.population.envs import BATCHED_ENV_IDS
 from sb3_hanq.population.run import train_population
-from sb3_hanq.population.trainer import ALGORITHMS, GROUP_PARAMS
+from sb3_hanq.population.trainer import ALGORITHMS, GROUP_PARAMS, MINIBATCH_STREAMS
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PENDULUM_STARTS),
         help="how Pendulum's dataset is collected (see sb3_hanq.offline.collect_dataset)",
     )
+    parser.add_argument(
+        "--minibatch-stream",
+        choices=list(MINIBATCH_STREAMS),
+        help="member: each member samples from its own stream (seeded by --seed and its seed; the default for new "
+        "runs); population: one stream for the run (runs before this option). Default: a resumed run's own",
+    )
     parser.add_argument("--no-progress-bar", action="store_true")
     parser.add_argument(
         "--compile",
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             compile=args.compile,
             pendulum_start=args.pendulum_start,
+            minibatch_stream=args.minibatch_stream,
         )
     except (ValueError, TypeError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,14 +6,14 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch as th
 
-from sb3_hanq.population.trainer import PopulationTrainer, make_members
+from sb3_hanq.population.trainer import MINIBATCH_STREAMS, PopulationTrainer, make_members
 from sb3_hanq.version import __version__
 
 #: Version of the results file's layout.
@@ -36,7 +36,19 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     if "member_params" not in saved:  # (written before the resolved settings were recorded)
         keys.remove("member_params")
     saved = {"pendulum_start": "uniform", **saved}  # (written before the dataset readings existed)
+    saved = {"minibatch_stream": "population", **saved}  # (written before per-member streams)
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
+
+
+def _saved_stream(read_config: Callable[[], dict[str, Any]]) -> str:
+    """The minibatch stream of a saved run (``"population"`` if it predates the option); ``"member"`` if the file
+    cannot be read (the checks that follow report that)."""
+    try:
+        config = read_config()
+    except Exception:  # noqa: BLE001 (an unreadable file is reported by the full check after this)
+        return "member"
+    stream = config.get("minibatch_stream", "population") if isinstance(config, dict) else "member"
+    return stream if stream in MINIBATCH_STREAMS else "member"
 
 
 def summarize(members: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
@@ -126,6 +138,7 @@ def train_population(
     verbose: int = 1,
     compile: bool = False,
     pendulum_start: str = "episodes",
+    minibatch_stream: str | None = None,
 ) -> dict[str, Any]:
     """Train the grid ``seeds x learning_rate x hyper_lr x tau x gamma x hyper_objective x params`` offline on
     ``env_id`` as one batched population, evaluating every member every ``eval_freq`` gradient steps.
@@ -139,6 +152,10 @@ def train_population(
         :class:`~sb3_hanq.population.PopulationTrainer`); not part of the run's arguments, so a run may be
         resumed with or without it
     :param pendulum_start: the Pendulum dataset's reading (:func:`~sb3_hanq.common.offline.collect_dataset`)
+    :param minibatch_stream: where the members' minibatch indices come from, one of
+        :data:`~sb3_hanq.population.trainer.MINIBATCH_STREAMS` (see :class:`~sb3_hanq.population.PopulationTrainer`);
+        ``None``: the stream of the run being resumed or returned (``"population"`` for runs saved before the
+        option existed), else ``"member"``
     :return: the results (what the JSON holds): ``config``, ``members`` (per member: algorithm, hyperparameters,
         seed, evaluation steps, scores, the score averaged over evaluations, learning rates, final learning
         rate, ``diverged_at_step``), ``summary``, timing and machine
@@ -149,7 +166,17 @@ def train_population(
             raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1")
     if eval_freq > gradient_steps:
         raise ValueError(f"Invalid eval_freq={eval_freq}: larger than gradient_steps={gradient_steps} (no evaluation)")
+    if minibatch_stream is not None and minibatch_stream not in MINIBATCH_STREAMS:
+        raise ValueError(f"Invalid minibatch_stream={minibatch_stream!r}: expected one of {MINIBATCH_STREAMS}")
     members = make_members(algo, seed_list, learning_rate, hyper_lr, tau, gamma, hyper_objective, params)
+    out_path = Path(out) if out is not None else None
+    ckpt = checkpoint_path(out_path) if out_path is not None else None
+    if minibatch_stream is None:  # a run being resumed or returned keeps its stream
+        minibatch_stream = "member"
+        if out_path is not None and out_path.exists():
+            minibatch_stream = _saved_stream(lambda: json.loads(out_path.read_text())["config"])
+        elif ckpt is not None and ckpt.exists():
+            minibatch_stream = _saved_stream(lambda: th.load(ckpt, map_location="cpu", weights_only=False)["config"])
     config = dict(
         algo=algo,
         env_id=env_id,
@@ -168,11 +195,10 @@ def train_population(
         target_update_interval=target_update_interval,
         seed=seed,
         pendulum_start=pendulum_start,
+        minibatch_stream=minibatch_stream,
         # the structural settings after defaults: a run resumed after a default changed is refused, not mixed
         member_params=sorted({json.dumps(dict(m.params), sort_keys=True) for m in members}),
     )
-    out_path = Path(out) if out is not None else None
-    ckpt = checkpoint_path(out_path) if out_path is not None else None
     if out_path is not None and out_path.exists():
         try:
             saved = json.loads(out_path.read_text())
@@ -203,6 +229,7 @@ def train_population(
         seed=seed,
         compile=compile,
         pendulum_start=pendulum_start,
+        minibatch_stream=minibatch_stream,
     )
     elapsed_before = 0.0
     if ckpt is not None and ckpt.exists():

@@ -131,6 +131,15 @@ class Member:
         return (self.params, self.tau < 1)
 
 
+#: Where a member's minibatch indices come from: ``"member"``, its own stream, seeded by the run's ``seed`` and the
+#: member's seed, so that a member draws the same minibatches in any population; ``"population"``, one stream for
+#: the whole run (the only one before 2026-12-04), which makes a member's minibatches depend on who else is in it.
+MINIBATCH_STREAMS = ("member", "population")
+#: Gradient steps of minibatch indices a member's stream draws at once (``"member"``): one generator call per
+#: member per block instead of per step. Part of the stream's definition: changing it changes every run's indices.
+STREAM_BLOCK = 250
+
+
 def _param_defaults(algo: str) -> dict[str, Any]:
     policy = dict(
         predictor="meta",
@@ -388,6 +397,7 @@ class _Group:
         self.members = members
         self.indices = indices  # positions in the run's member list
         self.seed_index = th.zeros(len(members), dtype=th.long, device=device)  # row of each member's dataset
+        self.member_index = th.tensor(indices, dtype=th.long, device=device)  # position in the trainer's members
         self.device = device
         settings = dict(members[0].params)
         self.settings = settings
@@ -629,6 +639,10 @@ class PopulationTrainer:
     :param initial_params: ``{member index: state_dict}`` to start a member from given weights
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
     :param seed: seeds the minibatch indices of the run (members' datasets and weights follow their own seeds)
+    :param minibatch_stream: one of :data:`MINIBATCH_STREAMS`. ``"member"`` (default): every member samples its
+        minibatches from its own generator, seeded by ``seed`` and the member's seed, so a member's run does not
+        depend on the other members (members sharing a seed share their minibatches, as paired runs);
+        ``"population"``: one generator for the whole run, as runs before this option had
     :param compile: run every group's forward and backward pass (:meth:`_Group._loss_terms`) through
         :func:`torch.compile`, which fuses the elementwise work. The same math to float rounding (tested);
         measured 1.5-2.6x faster than eager (1.6x at M = 30 and 300) on 2 CPU cores
@@ -651,6 +665,7 @@ class PopulationTrainer:
         seed: int = 0,
         compile: bool = False,
         pendulum_start: str = "episodes",
+        minibatch_stream: str = "member",
     ) -> None:
         if env_id not in BATCHED_ENV_IDS:
             raise ValueError(f"Invalid env_id={env_id!r}: expected one of {BATCHED_ENV_IDS}")
@@ -667,6 +682,8 @@ class PopulationTrainer:
             raise TypeError(f"Invalid compile={compile!r}: expected a bool")
         if pendulum_start not in PENDULUM_STARTS:
             raise ValueError(f"Invalid pendulum_start={pendulum_start!r}: expected one of {PENDULUM_STARTS}")
+        if minibatch_stream not in MINIBATCH_STREAMS:
+            raise ValueError(f"Invalid minibatch_stream={minibatch_stream!r}: expected one of {MINIBATCH_STREAMS}")
         register_envs()
         self.env_id = env_id
         self.members = list(members)
@@ -735,19 +752,49 @@ class PopulationTrainer:
             if compile:
                 group._step_fn = th.compile(group._loss_terms, dynamic=False)
             self.groups.append(group)
-        self.generator = th.Generator().manual_seed(seed)
+        self.minibatch_stream = minibatch_stream
+        self.generator = th.Generator().manual_seed(seed)  # "population"
+        # "member": one generator per member, and the block of indices they drew last ([M, STREAM_BLOCK, batch])
+        self.member_generators = [
+            th.Generator().manual_seed(int(np.random.SeedSequence([seed, m.seed]).generate_state(1)[0]))
+            for m in self.members
+        ]
+        self._block: th.Tensor | None = None
+        self._block_index = -1  # which block of STREAM_BLOCK steps self._block holds
+        self._block_states = [g.get_state() for g in self.member_generators]  # the generators before that block
         self.num_steps = 0
         #: per evaluation: gradient step, and per member score / learning rate / loss / omega_scale^+
         self.history: dict[str, list[Any]] = {"steps": [], "scores": [], "learning_rates": [], "losses": []}
         self.history["omega_scales"] = []
         self.index_fn: Callable[[_Group, int], th.Tensor] | None = None  # tests: replay given minibatch indices
 
-    def _sample(self, group: _Group) -> tuple[th.Tensor, ...]:
+    def _draw_block(self) -> None:
+        """The next :data:`STREAM_BLOCK` steps of every member's indices, from the members' own generators."""
+        self._block_states = [g.get_state() for g in self.member_generators]
+        self._block = th.stack(
+            [
+                th.randint(self.dataset_size, (STREAM_BLOCK, self.batch_size), generator=g)
+                for g in self.member_generators
+            ]
+        ).to(self.device)
+        self._block_index += 1
+
+    def minibatch_indices(self, group: _Group) -> th.Tensor:
+        """The dataset rows ``[members of group, batch_size]`` that ``group`` trains on at gradient step
+        :attr:`num_steps` (counted from 1), from the stream :attr:`minibatch_stream` names."""
         if self.index_fn is not None:
-            idx = self.index_fn(group, self.num_steps).to(self.device)
-        else:
+            return self.index_fn(group, self.num_steps).to(self.device)
+        if self.minibatch_stream == "population":
             idx = th.randint(self.dataset_size, (len(group.members), self.batch_size), generator=self.generator)
-            idx = idx.to(self.device)
+            return idx.to(self.device)
+        position = self.num_steps - 1
+        while self._block_index < position // STREAM_BLOCK:
+            self._draw_block()
+        assert self._block is not None
+        return self._block[group.member_index, position % STREAM_BLOCK]
+
+    def _sample(self, group: _Group) -> tuple[th.Tensor, ...]:
+        idx = self.minibatch_indices(group)
         rows = group.seed_index.view(-1, 1)
         return tuple(tensor[rows, idx] for tensor in self.data)
 
@@ -809,13 +856,28 @@ class PopulationTrainer:
         return dict(
             num_steps=self.num_steps,
             generator=self.generator.get_state(),
+            minibatch_stream=self.minibatch_stream,
+            # "member": the generators before the block in use, which load_state_dict draws again
+            member_generators=self._block_states,
+            block_index=self._block_index,
             history=self.history,
             groups=[g.state_dict() for g in self.groups],
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        stream = state.get("minibatch_stream", "population")  # (checkpoints before the option: "population")
+        if stream != self.minibatch_stream:
+            raise ValueError(
+                f"state: saved with minibatch_stream={stream!r}, this trainer has {self.minibatch_stream!r}"
+            )
         self.num_steps = int(state["num_steps"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # (a checkpoint loaded with map_location="cuda")
+        if stream == "member":
+            self._block_states = [saved.cpu() for saved in state["member_generators"]]
+            for generator, saved in zip(self.member_generators, self._block_states):
+                generator.set_state(saved)
+            # the block the saved run was in is drawn again from the same states when the next step needs it
+            self._block_index, self._block = int(state["block_index"]) - 1, None
         self.history = state["history"]
         for group, group_state in zip(self.groups, state["groups"]):
             group.load_state_dict(group_state)
