@@ -316,6 +316,10 @@ for i in "${!ACROBOT_ROWS[@]}"; do
   ON_LANE=$((i % 2)) ENV_ID=Acrobot-v1 SEEDS=5 run "acrobot_${row}_lrs" --algo hanq --learning-rate 1e-3 3.1623e-4 \
     1e-4 --first-seed 5 --seed 1 ${ACROBOT_ROWS[i]#*|}
 done
+# E19. §11's grid extension: "extended in either direction if the algorithm's best learning rate is found to be the
+#     minimum or maximum of that set". E14 made 10^-4 the best cell of w/o l2N on seeds 0-9 (13.4 against 11.4 at
+#     10^-3), so its grid gets 10^-4.5 at 10 seeds before its best cell is rerun at 30
+ON_LANE=0 run ep_table3_no_l2n_lr45 --algo hanq --learning-rate 3.1623e-5 $E -params meta_norm:none
 # E17. Table 1's DQN rows on Acrobot at 30 seeds: their best cell (lr 10^-4, beta = 10^-3, 10 seeds: 91.3 / 91.9 /
 #     89.2) with seeds 10-29, as HANQ's (acrobot_lr4_rest); one run of 10 seeds per lane
 for i in 0 1; do
