@@ -133,10 +133,8 @@ POOLS = (
     # E16: Acrobot's ablations, seeds 5-9 at 10^-4 after acrobot4_*'s 0-4 (their 10^-3 and 10^-3.5 cells stand alone)
     *((f"acrobot4_{row}.json", f"acrobot_{row}_lrs.json") for row in (*ABLATION_FILES, "table7_sg")),
     # E21: the best cells E14 moved to the grid's ends, at 30 seeds
-    *(
-        (f"ep_{row}_ends.json", f"ep_{row}_lr{lr}_rest.json")
-        for row, lr in (("table2_no_scale", 1), ("table3_no_ln", 1))
-    ),
+    ("ep_table2_no_scale_ends.json", "ep_table2_no_scale_lr1_rest.json"),
+    ("ep_table3_no_ln_ends.json", "ep_table3_no_ln_lr1_rest.json"),
     ("ep_table3_no_l2n_ends.json", "ep_table3_no_l2n_lr4_rest.json"),
     # E17: Acrobot's DQN rows at 30 seeds (seeds 10-19 and 20-29)
     ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5.json", "acrobot_dqn_lr4_rest0.json"),
