@@ -135,7 +135,7 @@ POOLS = (
     # E21: the best cells E14 moved to the grid's ends, at 30 seeds
     ("ep_table2_no_scale_ends.json", "ep_table2_no_scale_lr1_rest.json"),
     ("ep_table3_no_ln_ends.json", "ep_table3_no_ln_lr1_rest.json"),
-    ("ep_table3_no_l2n_ends.json", "ep_table3_no_l2n_lr4_rest.json"),
+    ("ep_table3_no_l2n_lr45.json", "ep_table3_no_l2n_lr45_rest.json"),
     # E17: Acrobot's DQN rows at 30 seeds (seeds 10-19 and 20-29)
     ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5.json", "acrobot_dqn_lr4_rest0.json"),
     ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5+acrobot_dqn_lr4_rest0.json", "acrobot_dqn_lr4_rest1.json"),
