@@ -498,8 +498,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if key in pooled_bases:
             continue  # drawn once, pooled with its add-on (POOLS)
         env, name, _ = key.split("|")
-        if name.endswith("_lrs.json"):
-            continue  # an ablation's learning-rate grid: lr_sensitivity.png
+        if name.endswith("_lrs.json") and "+" not in name:
+            continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)
         if not env.startswith("DiscretePendulum"):
             part, what = ("", "")
             if "_table" in name:  # the ablations, one file per learning rate they ran at (acrobot4_*: 10^-4)
