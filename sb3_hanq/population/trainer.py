@@ -757,7 +757,7 @@ class PopulationTrainer:
         # "member": one generator per member, and the block of indices they drew last ([M, STREAM_BLOCK, batch])
         self.member_generators = [
             th.Generator().manual_seed(int(np.random.SeedSequence([seed, m.seed]).generate_state(1)[0]))
-            for m in self.members
+            for m in (self.members if minibatch_stream == "member" else [])
         ]
         self._block: th.Tensor | None = None
         self._block_index = -1  # which block of STREAM_BLOCK steps self._block holds
