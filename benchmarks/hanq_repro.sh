@@ -351,3 +351,21 @@ ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_low --algo hanq --learning-
 ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_high --algo hanq --learning-rate 1e-1 3.1623e-2
 ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn_lr34 --algo dqn --learning-rate 1e-3 1e-4 --tau 1e-3 \
   -params "main_norm:['none','layer','l2']"
+# E22. Acrobot's grids to the protocol's 10 seeds per cell (HANQ's cells other than 10^-2.5 and 10^-4 had seeds 0-4,
+#     the ablations' 10^-3 and 10^-3.5 cells seeds 5-9): HANQ's seeds 5-9 at 10^-2, 10^-3, 10^-3.5 and 10^-4.5 (10^-1.5
+#     scored 0.2 on seeds 0-4, so 10^-1 is left out), the ablations' seeds 0-4 at 10^-3 and 10^-3.5, then 10^-2 with 10
+#     seeds for the four rows whose best cell is at the grid's upper end, 10^-2.5 (§11's extension)
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr_s5 --algo hanq --learning-rate 1e-2 1e-3 3.1623e-4 3.1623e-5 \
+  --first-seed 5 --seed 1
+for i in "${!ACROBOT_ROWS[@]}"; do
+  row=${ACROBOT_ROWS[i]%%|*}
+  # shellcheck disable=SC2086  # the row's flags, split into words
+  ON_LANE=$(((i + 1) % 2)) ENV_ID=Acrobot-v1 SEEDS=5 run "acrobot_${row}_lrs_s0" --algo hanq --learning-rate 1e-3 \
+    3.1623e-4 --seed 1 ${ACROBOT_ROWS[i]#*|}
+done
+for i in 1 2 6 7; do  # symmetrized, L_SG, w/o omega_scale+, w/o LN
+  row=${ACROBOT_ROWS[i]%%|*}
+  # shellcheck disable=SC2086  # the row's flags, split into words
+  ON_LANE=$((i % 2)) ENV_ID=Acrobot-v1 run "acrobot_${row}_lr2" --algo hanq --learning-rate 1e-2 --seed 1 \
+    ${ACROBOT_ROWS[i]#*|}
+done

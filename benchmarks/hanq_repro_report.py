@@ -139,6 +139,9 @@ POOLS = (
     # E17: Acrobot's DQN rows at 30 seeds (seeds 10-19 and 20-29)
     ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5.json", "acrobot_dqn_lr4_rest0.json"),
     ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5+acrobot_dqn_lr4_rest0.json", "acrobot_dqn_lr4_rest1.json"),
+    # E22: Acrobot's grids to 10 seeds: HANQ's seeds 5-9 (one run, four learning rates), the ablations' seeds 0-4
+    *((f"acrobot_lr_{cells}.json", "acrobot_lr_s5.json") for cells in ("high", "low", "45")),
+    *((f"acrobot_{row}_lrs.json", f"acrobot_{row}_lrs_s0.json") for row in (*ABLATION_FILES, "table7_sg")),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
@@ -489,8 +492,9 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     (curves_lr.png), the kappa grid with kappa = 0 (curves_kappa.png); the 5-seed runs of the "reset",
     "episodes", "trajectory" and 10-seed "uniform_episodes" readings (curves_datasets.png); the "uniform" reading's runs
     (curves_uniform{,_ablations,_dqn}.png); per other environment, one file for the rest and one for its
-    ablations per learning rate (``acrobot4_*``: 10^-4). The ablations' learning-rate grids (``*_lrs``) are drawn
-    against the learning rate instead (lr_sensitivity.png, lr_sensitivity_acrobot.png)."""
+    ablations per learning rate (``_lr4``: 10^-4, ``_lr35``: 10^-3.5, no suffix: 10^-2.5). The ablations'
+    learning-rate grids (``*_lrs``) are drawn against the learning rate instead (lr_sensitivity.png,
+    lr_sensitivity_acrobot.png)."""
     out: dict[str, tuple[str, list[str]]] = {}
     parts = [key.split("|") for key in groups]
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
@@ -502,10 +506,11 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
             continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)
         if not env.startswith("DiscretePendulum"):
             part, what = ("", "")
-            if "_table" in name:  # the ablations, one file per learning rate they ran at (acrobot4_*: 10^-4)
-                lr4 = name.startswith("acrobot4_")
-                part = "_ablations_lr4" if lr4 else "_ablations"
-                what = f": ablations (Tables 2, 3, 7), lr {'10^-4' if lr4 else '10^-2.5'}"
+            if "_table" in name:  # the ablations, one figure per learning rate (10^-2.5: no suffix)
+                exponent = np.log10(groups[key][0]["hyperparameters"]["learning_rate"])
+                tag = f"{-exponent:g}".replace(".", "")
+                part = "_ablations" if tag == "25" else f"_ablations_lr{tag}"
+                what = f": ablations (Tables 2, 3, 7), lr 10^{exponent:g}"
             figure, title = f"curves_{env.split('-')[0].lower()}{part}.png", f"{env}, offline{what}"
         elif name.startswith(("reset", "episodes_", "traj_", "ue_")):
             figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5-10 seeds)"
