@@ -251,6 +251,8 @@ def main(argv: list[str]) -> None:
         key = f"{env}|{name}|{text}"
         groups.setdefault(key, []).append(member)
     groups, repeats = drop_repeats(pooled(groups))
+    for name in sorted(unpooled_add_ons(groups)):
+        print(f"note: {name} has no seed 0 and is not pooled (its earlier run is not done, or POOLS misses it)")
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
         "",
@@ -452,6 +454,18 @@ def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, 
                 del out[base_key]  # a pooled row, extended
             out[f"{env}|{first.removesuffix('.json')}+{extra}|{text}"] = base + out.pop(key)
     return out
+
+
+def unpooled_add_ons(groups: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """The files with a configuration that starts after seed 0 (``--first-seed``) and was pooled with nothing: an
+    add-on whose earlier run is not done yet, or one :data:`POOLS` does not list."""
+    names = {key.split("|")[1] for key in groups}
+    in_pools = {part.removesuffix(".json") for name in names if "+" in name for part in name.split("+")}
+    return {
+        name
+        for key, group in groups.items()
+        if (name := key.split("|")[1]).removesuffix(".json") not in in_pools and min(m["seed"] for m in group) > 0
+    }
 
 
 def drop_repeats(groups: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:

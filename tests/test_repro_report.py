@@ -53,6 +53,19 @@ def test_pooled_chains_in_order(monkeypatch):
     assert sorted(m["seed"] for m in out[f"{ENV}|a+b+c.json|{TEXT}"]) == [0, 1, 2, 3]
 
 
+def test_unpooled_add_ons_names_runs_after_seed_0_that_no_pool_took(monkeypatch):
+    monkeypatch.setattr(report, "POOLS", (("a.json", "b.json"),))
+    groups = {
+        f"{ENV}|a.json|{TEXT}": members({0: 1.0}),
+        f"{ENV}|b.json|{TEXT}": members({1: 2.0}),
+        f"{ENV}|b.json|other configuration": members({1: 2.0}),  # its base cell is missing: stays alone
+        f"{ENV}|late.json|{TEXT}": members({5: 3.0}),  # an add-on POOLS does not list
+        f"{ENV}|own.json|{TEXT}": members({0: 3.0, 5: 3.0}),  # starts at seed 0: a run of its own
+    }
+    assert report.unpooled_add_ons(groups) == {"b.json", "late.json"}
+    assert report.unpooled_add_ons(report.pooled(groups)) == {"late.json"}  # b.json's other cell: part of a pool
+
+
 def test_best_cell_selects_on_shared_seeds_and_reports_all():
     rerun = ("a+rerun.json", members({0: 50.0, 1: 50.0, **{s: 95.0 for s in range(2, 30)}}))
     lucky = ("b.json", members({0: 60.0, 1: 60.0}))
