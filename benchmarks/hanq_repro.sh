@@ -369,3 +369,14 @@ for i in 1 2 6 7; do  # symmetrized, L_SG, w/o omega_scale+, w/o LN
   ON_LANE=$((i % 2)) ENV_ID=Acrobot-v1 run "acrobot_${row}_lr2" --algo hanq --learning-rate 1e-2 --seed 1 \
     ${ACROBOT_ROWS[i]#*|}
 done
+# E23. CartPole's grids to 10 seeds per cell (E18's cells had seeds 0-4): HANQ's seeds 5-9 at its six other learning
+#     rates; DQN, DQN-LN and DQN-l2N seeds 5-9 at 10^-2.5 (beta 1 and 10^-3) and at 10^-3 and 10^-4 (beta 10^-3);
+#     then the beta = 1 rows at 10^-3 and 10^-4 (10 seeds: at 10^-2.5, beta = 1 beat 10^-3 for all three)
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_lr_s5 --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 \
+  3.1623e-4 1e-4 --first-seed 5 --seed 1
+ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn_s5 --algo dqn --learning-rate $LR --tau 1 1e-3 --first-seed 5 \
+  --seed 1 -params "main_norm:['none','layer','l2']"
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn_lr34_s5 --algo dqn --learning-rate 1e-3 1e-4 --tau 1e-3 \
+  --first-seed 5 --seed 1 -params "main_norm:['none','layer','l2']"
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr34 --algo dqn --learning-rate 1e-3 1e-4 --tau 1 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
