@@ -202,12 +202,14 @@ def label(h: dict[str, Any], algo: str) -> str:
     return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch{step}, {lr}"
 
 
-def paper_number(h: dict[str, Any], algo: str, env_id: str) -> str:
+def paper_number(h: dict[str, Any], algo: str, env_id: str, best_beta: bool = False) -> str:
+    """The paper's number for a configuration; ``best_beta``: as the best-beta row of Table 1, whatever its beta
+    (a beta = 1 cell can be that row's best)."""
     key: tuple[Any, ...]
     if algo == "dqn" and h["hyper_lr"] > 0:
         key = (f"dqn-{h['main_norm']}", "kappa", h["hyper_lr"])
     elif algo == "dqn":
-        key = (f"dqn-{h['main_norm']}", h["tau"] if h["tau"] == 1.0 else "best")
+        key = (f"dqn-{h['main_norm']}", "best" if best_beta or h["tau"] != 1.0 else 1.0)
     elif ablation(h) is not None:
         key = (algo, ablation(h)[0])  # type: ignore[index]
     elif table4(h) is not None:
@@ -325,13 +327,16 @@ def main(argv: list[str]) -> None:
             print(f"wrote {out_dir / figure}")
 
 
-def tuned_key(h: dict[str, Any], algo: str) -> str:
-    """The row a configuration is a candidate for under the paper's tuning (§4, §11: each cell is the best mean
-    over the learning rates, and over beta < 1 for DQN): its label without the learning rate (and beta)."""
+def tuned_keys(h: dict[str, Any], algo: str) -> tuple[str, ...]:
+    """The rows a configuration is a candidate for under the paper's tuning (§4, §11: each cell is the best mean
+    over the learning rates, and over beta for DQN): its label without the learning rate (and beta). Table 1's
+    best-beta rows tune beta over {10^0, 10^-1, ..., 10^-4} and Table 8's over {10^0, ..., 10^-3}, so a DQN cell
+    with beta = 1 is a candidate for its best-beta row as well as for Table 1's beta = 1 row."""
     text = label(h, algo).rsplit(", lr ", 1)[0]
-    if algo == "dqn" and (h["tau"] != 1.0 or h["hyper_lr"] > 0):  # Table 8 tunes beta over {1, ..., 10^-3}
-        text = text.replace(f"beta {h['tau']:g}", "best beta")
-    return text
+    if algo != "dqn":
+        return (text,)
+    best = text.replace(f"beta {h['tau']:g}", "best beta")
+    return (text, best) if h["tau"] == 1.0 and h["hyper_lr"] == 0 else (best,)
 
 
 def best_cell(cells: list[tuple[str, list[dict[str, Any]]]]) -> tuple[tuple[str, list[dict[str, Any]]], int]:
@@ -349,7 +354,7 @@ def best_cell(cells: list[tuple[str, list[dict[str, Any]]]]) -> tuple[tuple[str,
 def tuned_rows(
     groups: dict[str, list[dict[str, Any]]], env_id: str
 ) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
-    """An environment's configurations as (file, members) cells, grouped by the row they tune (:func:`tuned_key`);
+    """An environment's configurations as (file, members) cells, grouped by the rows they tune (:func:`tuned_keys`);
     of two runs of one configuration, the one with more seeds."""
     configs: dict[str, tuple[str, list[dict[str, Any]]]] = {}
     for key, group in groups.items():
@@ -358,7 +363,8 @@ def tuned_rows(
             configs[text] = (name, group)
     rows: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
     for name, group in configs.values():
-        rows.setdefault(tuned_key(group[0]["hyperparameters"], group[0]["algorithm"]), []).append((name, group))
+        for row in tuned_keys(group[0]["hyperparameters"], group[0]["algorithm"]):
+            rows.setdefault(row, []).append((name, group))
     return rows
 
 
@@ -401,13 +407,14 @@ def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, 
 
 
 def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> list[str]:
-    """Per environment and row (:func:`tuned_key`), the best configuration among those run (:func:`best_cell`;
+    """Per environment and row (:func:`tuned_keys`), the best configuration among those run (:func:`best_cell`;
     of two runs of one configuration the one with more seeds), reported with all its seeds, as the paper reports
     its tables."""
     lines = [
         "",
-        "**Tuned as the paper tunes (§4: the best mean over the learning rates run, and over beta < 1 for DQN; "
-        "over beta in {1, 10^-3} for Table 8's hypergradient DQN)**",
+        "**Tuned as the paper tunes (§4: the best mean over the learning rates run, and over the betas run for "
+        "DQN's best-beta rows, beta = 1 included as in Table 1's {10^0, ..., 10^-4} and Table 8's {10^0, ..., "
+        "10^-3})**",
         "",
         "Cells are compared on the seeds they all have (`selected on`: the grids' 5 seeds, as a rule) and the "
         "chosen cell is reported with all its seeds, so that a cell rerun at 30 seeds does not lose to a lucky "
@@ -428,7 +435,7 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
             ci = f"{stats['iqm']:.1f} [{stats['ci'][0]:.1f}, {stats['ci'][1]:.1f}]" if "iqm" in stats else "-"
             h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
             cell = (f"beta {h['tau']:g}, " if "best beta" in row else "") + f"lr {h['learning_rate']:.2g}"
-            paper = paper_number(h, algo, env_id.split(",")[0])
+            paper = paper_number(h, algo, env_id.split(",")[0], best_beta="best beta" in row)
             lines.append(
                 f"| {row} | {cell} | {len(cells)} | {shared} seeds | {name} | {stats['n']} | {stats['mean']:.1f} "
                 f"| {ci} | {paper} |"

@@ -66,6 +66,35 @@ def test_unpooled_add_ons_names_runs_after_seed_0_that_no_pool_took(monkeypatch)
     assert report.unpooled_add_ons(report.pooled(groups)) == {"late.json"}  # b.json's other cell: part of a pool
 
 
+def dqn(tau: float, lr: float, scores: dict[int, float]) -> list[dict[str, Any]]:
+    h = {"learning_rate": lr, "tau": tau, "main_norm": "layer", "hyper_lr": 0.0, "hyper_objective": "rg"}
+    return [{**m, "hyperparameters": h, "algorithm": "dqn"} for m in members(scores)]
+
+
+def test_best_beta_rows_tune_over_beta_1_too():
+    """Table 1's best-beta rows tune beta over {10^0, ..., 10^-4}: a beta = 1 cell that beats every beta < 1 cell
+    is the row's best, and the row keeps the paper's best-beta number."""
+    env = "CartPole-v1"
+    cells = {
+        "target.json": dqn(1e-3, 1e-3, {0: 40.0, 1: 50.0}),
+        "no_target.json": dqn(1.0, 1e-2, {0: 60.0, 1: 70.0}),
+    }
+    groups = {f"{env}|{name}|{report.label(g[0]['hyperparameters'], 'dqn')}": g for name, g in cells.items()}
+    rows = report.tuned_rows(groups, env)
+    assert sorted(rows) == ["DQN-LN, best beta", "DQN-LN, beta 1"]
+    assert sorted(name for name, _ in rows["DQN-LN, best beta"]) == ["no_target.json", "target.json"]
+    assert [name for name, _ in rows["DQN-LN, beta 1"]] == ["no_target.json"]
+    assert report.best_cell(rows["DQN-LN, best beta"])[0][0] == "no_target.json"
+    table = report.tuned_table(groups, [env])
+    best = next(line for line in table if line.startswith("| DQN-LN, best beta |"))
+    assert "| beta 1, lr 0.01 |" in best and "(Table 1, best beta)" in best
+    single = next(line for line in table if line.startswith("| DQN-LN, beta 1 |"))
+    assert "(Table 1, beta = 1)" in single
+    # hypergradient DQN (Table 8) has one row per kappa, beta tuned over {10^0, ..., 10^-3}
+    kappa = {**cells["no_target.json"][0]["hyperparameters"], "hyper_lr": 0.1}
+    assert report.tuned_keys(kappa, "dqn") == ("DQN-LN, best beta, kappa 0.1 RG",)
+
+
 def test_best_cell_selects_on_shared_seeds_and_reports_all():
     rerun = ("a+rerun.json", members({0: 50.0, 1: 50.0, **{s: 95.0 for s in range(2, 30)}}))
     lucky = ("b.json", members({0: 60.0, 1: 60.0}))
