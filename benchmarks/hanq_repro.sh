@@ -369,6 +369,18 @@ for i in 1 2 6 7; do  # symmetrized, L_SG, w/o omega_scale+, w/o LN
   ON_LANE=$((i % 2)) ENV_ID=Acrobot-v1 run "acrobot_${row}_lr2" --algo hanq --learning-rate 1e-2 --seed 1 \
     ${ACROBOT_ROWS[i]#*|}
 done
+# E24. Acrobot's grids, the rest of the protocol's: HANQ at 10^-1 (10 seeds) and seeds 5-9 at 10^-1.5 (its grid's
+#     other cells have 10 seeds since E22, so the best cell is selected on 10); w/o metapred., w/o omega_bias and
+#     w/o l2N at 10^-2.5 (10 seeds; E16 ran them at 10^-3 ... 10^-4 only, and two have their best cell at 10^-3,
+#     that grid's end)
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_metapred_lr25 --algo hanq --learning-rate $LR --seed 1 \
+  -params predictor:scalar
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_table3_no_l2n_lr25 --algo hanq --learning-rate $LR --seed 1 \
+  -params meta_norm:none
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_bias_lr25 --algo hanq --learning-rate $LR --seed 1 \
+  -params predictor_bias:False
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_lr1 --algo hanq --learning-rate 1e-1 --seed 1
+ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr15_s5 --algo hanq --learning-rate 3.1623e-2 --first-seed 5 --seed 1
 # E23. CartPole's grids to 10 seeds per cell (E18's cells had seeds 0-4): HANQ's seeds 5-9 at its six other learning
 #     rates; DQN, DQN-LN and DQN-l2N seeds 5-9 at 10^-2.5 (beta 1 and 10^-3) and at 10^-3 and 10^-4 (beta 10^-3);
 #     then the beta = 1 rows at 10^-3 and 10^-4 (10 seeds: at 10^-2.5, beta = 1 beat 10^-3 for all three)

@@ -142,6 +142,8 @@ POOLS = (
     # E22: Acrobot's grids to 10 seeds: HANQ's seeds 5-9 (one run, four learning rates), the ablations' seeds 0-4
     *((f"acrobot_lr_{cells}.json", "acrobot_lr_s5.json") for cells in ("high", "low", "45")),
     *((f"acrobot_{row}_lrs.json", f"acrobot_{row}_lrs_s0.json") for row in (*ABLATION_FILES, "table7_sg")),
+    # E24: HANQ's Acrobot grid, seeds 5-9 at 10^-1.5
+    ("acrobot_lr_high.json", "acrobot_lr15_s5.json"),
     # E23: CartPole's grids to 10 seeds (seeds 5-9)
     *((f"cartpole_lr_{cells}.json", "cartpole_lr_s5.json") for cells in ("high", "mid", "low")),
     ("cartpole_dqn.json", "cartpole_dqn_s5.json"),
