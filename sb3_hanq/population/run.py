@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,24 @@ def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
 
 
-def _saved_stream(read_config: Callable[[], dict[str, Any]]) -> str:
-    """The minibatch stream of a saved run (``"population"`` if it predates the option); ``"member"`` if the file
-    cannot be read (the checks that follow report that)."""
-    try:
-        config = read_config()
-    except Exception:  # noqa: BLE001 (an unreadable file is reported by the full check after this)
-        return "member"
+def _saved_stream(config: Any) -> str:
+    """The minibatch stream of a saved run's config (``"population"`` if it predates the option); ``"member"`` if
+    it has none that is valid (the argument check that follows reports the difference)."""
     stream = config.get("minibatch_stream", "population") if isinstance(config, dict) else "member"
     return stream if stream in MINIBATCH_STREAMS else "member"
+
+
+def _read_results(out_path: Path) -> dict[str, Any]:
+    """A complete run's results file, or a ``ValueError`` saying why ``out`` cannot be one."""
+    try:
+        saved = json.loads(out_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"out={str(out_path)!r} exists and is not a results file ({err}); choose another path"
+        ) from err
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise ValueError(f"out={str(out_path)!r} exists and is not a population results file; choose another path")
+    return saved
 
 
 def summarize(members: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
@@ -171,12 +180,14 @@ def train_population(
     members = make_members(algo, seed_list, learning_rate, hyper_lr, tau, gamma, hyper_objective, params)
     out_path = Path(out) if out is not None else None
     ckpt = checkpoint_path(out_path) if out_path is not None else None
+    # a finished run is returned as it is, else a checkpoint resumed (each file is read once)
+    saved = _read_results(out_path) if out_path is not None and out_path.exists() else None
+    state = None
+    if saved is None and ckpt is not None and ckpt.exists():
+        state = th.load(ckpt, map_location="cpu", weights_only=False)  # (the trainer moves it to its device)
     if minibatch_stream is None:  # a run being resumed or returned keeps its stream
-        minibatch_stream = "member"
-        if out_path is not None and out_path.exists():
-            minibatch_stream = _saved_stream(lambda: json.loads(out_path.read_text())["config"])
-        elif ckpt is not None and ckpt.exists():
-            minibatch_stream = _saved_stream(lambda: th.load(ckpt, map_location="cpu", weights_only=False)["config"])
+        source = saved if saved is not None else state
+        minibatch_stream = _saved_stream(source.get("config")) if isinstance(source, dict) else "member"
     config = dict(
         algo=algo,
         env_id=env_id,
@@ -199,15 +210,7 @@ def train_population(
         # the structural settings after defaults: a run resumed after a default changed is refused, not mixed
         member_params=sorted({json.dumps(dict(m.params), sort_keys=True) for m in members}),
     )
-    if out_path is not None and out_path.exists():
-        try:
-            saved = json.loads(out_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"out={str(out_path)!r} exists and is not a results file ({err}); choose another path"
-            ) from err
-        if not isinstance(saved, dict) or "config" not in saved:
-            raise ValueError(f"out={str(out_path)!r} exists and is not a population results file; choose another path")
+    if saved is not None:
         diff = _differences(saved["config"], config)
         if diff:
             raise ValueError(
@@ -232,8 +235,7 @@ def train_population(
         minibatch_stream=minibatch_stream,
     )
     elapsed_before = 0.0
-    if ckpt is not None and ckpt.exists():
-        state = th.load(ckpt, map_location=trainer.device, weights_only=False)
+    if state is not None:
         diff = _differences(state["config"], config)
         if diff:
             raise ValueError(
