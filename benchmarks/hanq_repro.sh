@@ -381,6 +381,12 @@ ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_bias_lr25 --algo hanq --learni
   -params predictor_bias:False
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_lr1 --algo hanq --learning-rate 1e-1 --seed 1
 ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_lr15_s5 --algo hanq --learning-rate 3.1623e-2 --first-seed 5 --seed 1
+# E25. §11's extension for the rows E22 moved to an end of their grid (on seeds 0-9): w/o any pred. is best at
+#     10^-2.5 (39.5 against 37.1 at 10^-3), w/o omega_scale+ at 10^-4 (81.5 against 79.0 at 10^-3); 10 seeds
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred_lr2 --algo hanq --learning-rate 1e-2 --seed 1 \
+  -params predictor:none
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_scale_lr45 --algo hanq --learning-rate 3.1623e-5 --seed 1 \
+  -params positive_scale:False
 # E23. CartPole's grids to 10 seeds per cell (E18's cells had seeds 0-4): HANQ's seeds 5-9 at its six other learning
 #     rates; DQN, DQN-LN and DQN-l2N seeds 5-9 at 10^-2.5 (beta 1 and 10^-3) and at 10^-3 and 10^-4 (beta 10^-3);
 #     then the beta = 1 rows at 10^-3 and 10^-4 (10 seeds: at 10^-2.5, beta = 1 beat 10^-3 for all three)
