@@ -387,6 +387,12 @@ ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred_lr2 --algo hanq --learnin
   -params predictor:none
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_scale_lr45 --algo hanq --learning-rate 3.1623e-5 --seed 1 \
   -params positive_scale:False
+#     and for the rows E24 moved to an end: w/o omega_bias to 10^-2.5 (87.0 against 86.8 at 10^-3), w/o LN to
+#     10^-2 (8.8 against 4.9 at 10^-2.5)
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_table2_no_bias_lr2 --algo hanq --learning-rate 1e-2 --seed 1 \
+  -params predictor_bias:False
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table3_no_ln_lr15 --algo hanq --learning-rate 3.1623e-2 --seed 1 \
+  -params main_norm:none
 # E23. CartPole's grids to 10 seeds per cell (E18's cells had seeds 0-4): HANQ's seeds 5-9 at its six other learning
 #     rates; DQN, DQN-LN and DQN-l2N seeds 5-9 at 10^-2.5 (beta 1 and 10^-3) and at 10^-3 and 10^-4 (beta 10^-3);
 #     then the beta = 1 rows at 10^-3 and 10^-4 (10 seeds: at 10^-2.5, beta = 1 beat 10^-3 for all three)
