@@ -470,8 +470,9 @@ def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, 
 
 
 def unpooled_add_ons(groups: dict[str, list[dict[str, Any]]]) -> set[str]:
-    """The files with a configuration that starts after seed 0 (``--first-seed``) and was pooled with nothing: an
-    add-on whose earlier run is not done yet, or one :data:`POOLS` does not list."""
+    """The files with a configuration that starts after seed 0 (``--first-seed``) and no cell in any pool: an
+    add-on whose earlier run is not done yet, or one :data:`POOLS` does not list. (A file with one pooled cell
+    counts as pooled, as E16's seeds 5-9, whose 10^-3 cells had no seeds 0-4 until E22.)"""
     names = {key.split("|")[1] for key in groups}
     in_pools = {part.removesuffix(".json") for name in names if "+" in name for part in name.split("+")}
     return {
