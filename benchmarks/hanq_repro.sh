@@ -404,3 +404,25 @@ ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=5 run cartpole_dqn_lr34_s5 --algo dqn --learn
   --first-seed 5 --seed 1 -params "main_norm:['none','layer','l2']"
 ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr34 --algo dqn --learning-rate 1e-3 1e-4 --tau 1 --seed 1 \
   -params "main_norm:['none','layer','l2']"
+# E26. §11's extension for w/o any pred. on Acrobot: its best cell on seeds 0-9 is 10^-2 (70.8 against 39.5 at
+#     10^-2.5), its grid's upper end; 10 seeds at 10^-1.5
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred_lr15 --algo hanq --learning-rate 3.1623e-2 --seed 1 \
+  -params predictor:none
+# E27. Acrobot's Tables 2, 3 and 7: each row's best cell (selected on seeds 0-9) at 30 seeds, seeds 10-29 in one run;
+#     w/o any pred. waits for E26. Then CartPole's HANQ at its best cell, 10^-2.5, at 30 seeds
+E27=(
+  "1|table2_no_scale|1e-4|-params positive_scale:False"
+  "0|table2_no_bias|3.1623e-3|-params predictor_bias:False"
+  "1|table2_no_metapred|1e-3|-params predictor:scalar"
+  "0|table3_no_l2n|1e-3|-params meta_norm:none"
+  "1|table2_symmetrized|3.1623e-3|-params symmetric:True"
+  "0|table7_sg|3.1623e-3|--hyper-objective sg"
+  "1|table3_no_ln|1e-2|-params main_norm:none"
+)
+for cell in "${E27[@]}"; do
+  IFS='|' read -r lane row lr flags <<< "$cell"
+  # shellcheck disable=SC2086  # the row's flags, split into words
+  ON_LANE=$lane ENV_ID=Acrobot-v1 SEEDS=20 run "acrobot_${row}_best_rest" --algo hanq --learning-rate "$lr" \
+    --first-seed 10 --seed 1 $flags
+done
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_hanq_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1

@@ -148,6 +148,18 @@ POOLS = (
     *((f"cartpole_lr_{cells}.json", "cartpole_lr_s5.json") for cells in ("high", "mid", "low")),
     ("cartpole_dqn.json", "cartpole_dqn_s5.json"),
     ("cartpole_dqn_lr34.json", "cartpole_dqn_lr34_s5.json"),
+    # E27: Acrobot's ablation rows and CartPole's HANQ at their best cells (selected on seeds 0-9), seeds 10-29
+    ("acrobot4_table2_no_scale+acrobot_table2_no_scale_lrs.json", "acrobot_table2_no_scale_best_rest.json"),
+    ("acrobot_table2_no_bias_lr25.json", "acrobot_table2_no_bias_best_rest.json"),
+    (
+        "acrobot_table2_no_metapred_lrs+acrobot_table2_no_metapred_lrs_s0.json",
+        "acrobot_table2_no_metapred_best_rest.json",
+    ),
+    ("acrobot_table3_no_l2n_lrs+acrobot_table3_no_l2n_lrs_s0.json", "acrobot_table3_no_l2n_best_rest.json"),
+    ("acrobot_table2_symmetrized.json", "acrobot_table2_symmetrized_best_rest.json"),
+    ("acrobot_table7_sg.json", "acrobot_table7_sg_best_rest.json"),
+    ("acrobot_table3_no_ln_lr2.json", "acrobot_table3_no_ln_best_rest.json"),
+    ("cartpole_hanq.json", "cartpole_hanq_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
