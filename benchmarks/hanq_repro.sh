@@ -426,3 +426,15 @@ for cell in "${E27[@]}"; do
     --first-seed 10 --seed 1 $flags
 done
 ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_hanq_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1
+# E28. w/o any pred.'s best cell moved to 10^-1.5 with E26 (71.6 against 70.8 at 10^-2), its grid's end again: 10^-1
+#     (10 seeds). CartPole's DQN-LN and DQN-l2N have their best cells at 10^-4 with both betas (10 seeds per cell
+#     after E23), the grid's lower end: 10^-4.5 (10 seeds). Acrobot's beta = 1 rows, tuned at 10^-2.5 only (5 seeds):
+#     10^-3 and 10^-4 (10 seeds), and seeds 5-9 at 10^-2.5
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred_lr1 --algo hanq --learning-rate 1e-1 --seed 1 \
+  -params predictor:none
+ON_LANE=1 ENV_ID=CartPole-v1 run cartpole_dqn_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1 1e-3 --seed 1 \
+  -params "main_norm:['layer','l2']"
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr34 --algo dqn --learning-rate 1e-3 1e-4 --tau 1 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
+ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_beta1_s5 --algo dqn --learning-rate $LR --tau 1 --first-seed 5 \
+  --seed 1 -params "main_norm:['none','layer','l2']"

@@ -160,6 +160,8 @@ POOLS = (
     ("acrobot_table7_sg.json", "acrobot_table7_sg_best_rest.json"),
     ("acrobot_table3_no_ln_lr2.json", "acrobot_table3_no_ln_best_rest.json"),
     ("cartpole_hanq.json", "cartpole_hanq_rest.json"),
+    # E28: Acrobot's beta = 1 rows, seeds 5-9 at 10^-2.5
+    ("acrobot_dqn.json", "acrobot_dqn_beta1_s5.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
