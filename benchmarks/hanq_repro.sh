@@ -428,6 +428,9 @@ done
 # E29. w/o any pred. moved to 10^-1 with E28 (90.6 against 71.6 at 10^-1.5), the paper's grid end: 10^-0.5 (10 seeds)
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_table2_no_pred_lr05 --algo hanq --learning-rate 3.1623e-1 --seed 1 \
   -params predictor:none
+#     10^-0.5 scores 83.4, so 10^-1 stays its best cell: seeds 10-29 there
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_table2_no_pred_best_rest --algo hanq --learning-rate 1e-1 \
+  --first-seed 10 --seed 1 -params predictor:none
 ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_hanq_rest --algo hanq --learning-rate $LR --first-seed 10 --seed 1
 # E28. w/o any pred.'s best cell moved to 10^-1.5 with E26 (71.6 against 70.8 at 10^-2), its grid's end again: 10^-1
 #     (10 seeds). CartPole's DQN-LN and DQN-l2N have their best cells at 10^-4 with both betas (10 seeds per cell
@@ -444,5 +447,5 @@ ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_beta1_s5 --algo dqn --learni
 # E30. CartPole's DQN rows at 10^-3.5, the one cell their grids skip between 10^-2.5 and 10^-4 (10 seeds, both betas)
 ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_lr35 --algo dqn --learning-rate 3.1623e-4 --tau 1e-3 --seed 1 \
   -params "main_norm:['none','layer','l2']"
-ON_LANE=1 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr35 --algo dqn --learning-rate 3.1623e-4 --tau 1 --seed 1 \
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr35 --algo dqn --learning-rate 3.1623e-4 --tau 1 --seed 1 \
   -params "main_norm:['none','layer','l2']"

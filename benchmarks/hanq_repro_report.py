@@ -162,6 +162,8 @@ POOLS = (
     ("cartpole_hanq.json", "cartpole_hanq_rest.json"),
     # E28: Acrobot's beta = 1 rows, seeds 5-9 at 10^-2.5
     ("acrobot_dqn.json", "acrobot_dqn_beta1_s5.json"),
+    # E29: w/o any pred.'s best Acrobot cell, 10^-1, at 30 seeds
+    ("acrobot_table2_no_pred_lr1.json", "acrobot_table2_no_pred_best_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
