@@ -551,7 +551,8 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if not env.startswith("DiscretePendulum"):
             part, what = ("", "")
             if "_table" in name:  # the ablations, one figure per learning rate (10^-2.5: no suffix)
-                exponent = np.log10(groups[key][0]["hyperparameters"]["learning_rate"])
+                # the grids step by half a decade: 3.1623e-1 is 10^-0.5, not 10^-0.499997
+                exponent = round(2 * np.log10(groups[key][0]["hyperparameters"]["learning_rate"])) / 2
                 tag = f"{-exponent:g}".replace(".", "")
                 part = "_ablations" if tag == "25" else f"_ablations_lr{tag}"
                 what = f": ablations (Tables 2, 3, 7), lr 10^{exponent:g}"

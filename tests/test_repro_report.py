@@ -122,3 +122,22 @@ def test_drop_repeats_keeps_the_larger_run_and_compares_the_repeated_seeds():
     ]
     identical = {small: members(base), large: members({**base, 2: 1.0})}
     assert report.drop_repeats(identical)[1][0].endswith("identical scores")
+
+
+def test_acrobot_ablation_figures_are_named_by_half_decade():
+    """One figure per learning rate, named by its exponent on the grid's half-decades (3.1623e-1 is 10^-0.5:
+    ``_lr05``, not ``_lr0499997``); 10^-2.5 keeps the unsuffixed name."""
+    groups = {
+        f"Acrobot-v1|acrobot_table2_no_pred_{name}.json|w/o any pred., lr {lr}": [
+            {"seed": 0, "average_score": 1.0, "hyperparameters": {"learning_rate": lr}, "algorithm": "hanq"}
+        ]
+        for name, lr in (("lr05", 3.1623e-1), ("lr1", 1e-1), ("lr25", 3.1623e-3), ("lr45", 3.1623e-5))
+    }
+    files = {figure: title for figure, title, _ in report.figures(groups)}
+    assert set(files) == {
+        "curves_acrobot_ablations_lr05.png",
+        "curves_acrobot_ablations_lr1.png",
+        "curves_acrobot_ablations.png",
+        "curves_acrobot_ablations_lr45.png",
+    }
+    assert files["curves_acrobot_ablations_lr05.png"].endswith("lr 10^-0.5")
