@@ -449,3 +449,8 @@ ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_lr35 --algo dqn --learning-rate 3.
   -params "main_norm:['none','layer','l2']"
 ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr35 --algo dqn --learning-rate 3.1623e-4 --tau 1 --seed 1 \
   -params "main_norm:['none','layer','l2']"
+# E31. §11's extension for the best cells E28/E30 left on a grid's end: CartPole's DQN-LN at 10^-5 (best at 10^-4.5,
+#     both betas), Acrobot's DQN without a target network at 10^-4.5 (best at 10^-4); 10 seeds
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_ln_lr5 --algo dqn --learning-rate 1e-5 --tau 1 1e-3 --seed 1 \
+  -params main_norm:layer
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1 --seed 1
