@@ -454,3 +454,23 @@ ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_beta1_lr35 --algo dqn --learning-r
 ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_ln_lr5 --algo dqn --learning-rate 1e-5 --tau 1 1e-3 --seed 1 \
   -params main_norm:layer
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1 --seed 1
+# E32. §11's extension for the best cells E31 left on a grid's end: CartPole's DQN-LN at 10^-5.5 (best at 10^-5 with
+#     both betas: 51.2 and 50.0), Acrobot's DQN without a target network at 10^-5 (best at 10^-4.5: 62.9); 10 seeds
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_ln_lr55 --algo dqn --learning-rate 3.1623e-6 --tau 1 1e-3 --seed 1 \
+  -params main_norm:layer
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr5 --algo dqn --learning-rate 1e-5 --tau 1 --seed 1
+# E33. The DQN rows' best cells (selected on seeds 0-9) at 30 seeds, seeds 10-29: CartPole's DQN (beta 10^-3 at
+#     10^-3.5; beta 1 at 10^-2.5) and DQN-l2N (10^-4, both betas); Acrobot's beta = 1 DQN-LN (10^-4) and DQN-l2N
+#     (10^-2.5). DQN-LN on CartPole and Acrobot's beta = 1 DQN wait for E32
+E33=(
+  "0|CartPole-v1|cartpole_dqn_best_rest|3.1623e-4|--tau 1e-3"
+  "1|CartPole-v1|cartpole_dqn_l2n_best_rest|1e-4|--tau 1 1e-3 -params main_norm:l2"
+  "0|CartPole-v1|cartpole_dqn_beta1_best_rest|3.1623e-3|--tau 1"
+  "1|Acrobot-v1|acrobot_dqn_l2n_beta1_best_rest|3.1623e-3|--tau 1 -params main_norm:l2"
+  "0|Acrobot-v1|acrobot_dqn_ln_beta1_best_rest|1e-4|--tau 1 -params main_norm:layer"
+)
+for cell in "${E33[@]}"; do
+  IFS='|' read -r lane env name lr flags <<< "$cell"
+  # shellcheck disable=SC2086  # the row's flags, split into words
+  ON_LANE=$lane ENV_ID=$env SEEDS=20 run "$name" --algo dqn --learning-rate "$lr" --first-seed 10 --seed 1 $flags
+done

@@ -164,6 +164,13 @@ POOLS = (
     ("acrobot_dqn.json", "acrobot_dqn_beta1_s5.json"),
     # E29: w/o any pred.'s best Acrobot cell, 10^-1, at 30 seeds
     ("acrobot_table2_no_pred_lr1.json", "acrobot_table2_no_pred_best_rest.json"),
+    # E33: the DQN rows' best cells at 30 seeds (CartPole's DQN and DQN-l2N; Acrobot's beta = 1 DQN-LN and DQN-l2N)
+    ("cartpole_dqn_lr35.json", "cartpole_dqn_best_rest.json"),
+    ("cartpole_dqn+cartpole_dqn_s5.json", "cartpole_dqn_beta1_best_rest.json"),
+    ("cartpole_dqn_lr34+cartpole_dqn_lr34_s5.json", "cartpole_dqn_l2n_best_rest.json"),
+    ("cartpole_dqn_beta1_lr34.json", "cartpole_dqn_l2n_best_rest.json"),
+    ("acrobot_dqn+acrobot_dqn_beta1_s5.json", "acrobot_dqn_l2n_beta1_best_rest.json"),
+    ("acrobot_dqn_beta1_lr34.json", "acrobot_dqn_ln_beta1_best_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
