@@ -474,3 +474,12 @@ for cell in "${E33[@]}"; do
   # shellcheck disable=SC2086  # the row's flags, split into words
   ON_LANE=$lane ENV_ID=$env SEEDS=20 run "$name" --algo dqn --learning-rate "$lr" --first-seed 10 --seed 1 $flags
 done
+# E35. Pendulum's beta = 1 rows (DQN, DQN-LN, DQN-l2N) have their best cells at 10^-4 (23.0 / 25.3 / 12.3 on seeds
+#     0-9, rising as the learning rate falls), the end of their grid {10^-2.5, 10^-3, 10^-4}: §11's extension to
+#     10^-4.5 and the grid's missing 10^-3.5 (10 seeds)
+ON_LANE=1 run ep_dqn_beta1_lr35_45 --algo dqn --learning-rate 3.1623e-4 3.1623e-5 --tau 1 --seed 1 $E \
+  -params "main_norm:['none','layer','l2']"
+# E36. Pendulum's joint learning rate x beta grid, first slice: beta = 10^-4 (best at 10^-2.5 for DQN and, tied with
+#     10^-3, for DQN-LN) at 10^-2, 10^-3, 10^-3.5 and 10^-4 (10 seeds; the beta grid at 10^-2.5 is E4's)
+ON_LANE=0 run ep_dqn_beta4_lrs --algo dqn --learning-rate 1e-2 1e-3 3.1623e-4 1e-4 --tau 1e-4 --seed 1 $E \
+  -params "main_norm:['none','layer','l2']"
