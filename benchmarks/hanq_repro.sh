@@ -483,3 +483,10 @@ ON_LANE=1 run ep_dqn_beta1_lr35_45 --algo dqn --learning-rate 3.1623e-4 3.1623e-
 #     10^-3, for DQN-LN) at 10^-2, 10^-3, 10^-3.5 and 10^-4 (10 seeds; the beta grid at 10^-2.5 is E4's)
 ON_LANE=0 run ep_dqn_beta4_lrs --algo dqn --learning-rate 1e-2 1e-3 3.1623e-4 1e-4 --tau 1e-4 --seed 1 $E \
   -params "main_norm:['none','layer','l2']"
+# E37. Acrobot's best-beta DQN rows select on seeds 0-4, as their beta = 10^-3 cells at 10^-2.5 and 10^-3 have five
+#     seeds: seeds 5-9 there. Their best beta = 10^-3 cells sit at 10^-4, the end of that beta's grid (beta = 1 has
+#     10^-4.5 and 10^-5): 10^-4.5 with beta = 10^-3 (10 seeds)
+ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_beta3_s5 --algo dqn --learning-rate $LR 1e-3 --tau 1e-3 \
+  --first-seed 5 --seed 1 -params "main_norm:['none','layer','l2']"
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1e-3 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
