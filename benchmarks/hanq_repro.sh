@@ -477,6 +477,10 @@ done
 # E34. Acrobot's DQN without a target network moved to 10^-5 with E32 (66.9 against 62.9 at 10^-4.5), the grid's end
 #     again: 10^-5.5 (10 seeds)
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr55 --algo dqn --learning-rate 3.1623e-6 --tau 1 --seed 1
+#     CartPole's DQN-LN at 10^-5.5 scores 42.5 / 40.3 (beta 10^-3 / 1; 51.2 / 50.0 at 10^-5), so 10^-5 stays its
+#     best cell with both betas: seeds 10-29 there
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_ln_best_rest --algo dqn --learning-rate 1e-5 --tau 1 1e-3 \
+  --first-seed 10 --seed 1 -params main_norm:layer
 # E35. Pendulum's beta = 1 rows (DQN, DQN-LN, DQN-l2N) have their best cells at 10^-4 (23.0 / 25.3 / 12.3 on seeds
 #     0-9, rising as the learning rate falls), the end of their grid {10^-2.5, 10^-3, 10^-4}: §11's extension to
 #     10^-4.5 and the grid's missing 10^-3.5 (10 seeds)
