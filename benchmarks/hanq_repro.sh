@@ -497,3 +497,18 @@ ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=5 run acrobot_dqn_beta3_s5 --algo dqn --learni
   --first-seed 5 --seed 1 -params "main_norm:['none','layer','l2']"
 ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1e-3 --seed 1 \
   -params "main_norm:['none','layer','l2']"
+# E38. DQN's beta grid beyond {1, 10^-3} (§11: {10^0, ..., 10^-5}), a slice at each row's best learning rate:
+#     beta in {10^-1, 10^-2, 10^-4} (10 seeds). Acrobot: 10^-4 (DQN, DQN-LN and DQN-l2N with beta = 10^-3);
+#     CartPole: DQN at 10^-3.5, DQN-LN at 10^-5, DQN-l2N at 10^-4
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta_slice --algo dqn --learning-rate 1e-4 --tau 1e-1 1e-2 1e-4 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
+E38=(
+  "none|3.1623e-4"
+  "layer|1e-5"
+  "l2|1e-4"
+)
+for cell in "${E38[@]}"; do
+  IFS='|' read -r norm lr <<< "$cell"
+  ON_LANE=1 ENV_ID=CartPole-v1 run "cartpole_dqn_${norm}_beta_slice" --algo dqn --learning-rate "$lr" \
+    --tau 1e-1 1e-2 1e-4 --seed 1 -params "main_norm:$norm"
+done
