@@ -481,6 +481,10 @@ ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta1_lr55 --algo dqn --learning-rat
 #     best cell with both betas: seeds 10-29 there
 ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_ln_best_rest --algo dqn --learning-rate 1e-5 --tau 1 1e-3 \
   --first-seed 10 --seed 1 -params main_norm:layer
+#     Acrobot's DQN without a target network scores 5.4 at 10^-5.5 (66.9 at 10^-5), so 10^-5 is its best cell:
+#     seeds 10-29 there
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_beta1_best_rest --algo dqn --learning-rate 1e-5 --tau 1 \
+  --first-seed 10 --seed 1
 # E35. Pendulum's beta = 1 rows (DQN, DQN-LN, DQN-l2N) have their best cells at 10^-4 (23.0 / 25.3 / 12.3 on seeds
 #     0-9, rising as the learning rate falls), the end of their grid {10^-2.5, 10^-3, 10^-4}: §11's extension to
 #     10^-4.5 and the grid's missing 10^-3.5 (10 seeds)

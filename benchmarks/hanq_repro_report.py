@@ -172,6 +172,7 @@ POOLS = (
     ("acrobot_dqn+acrobot_dqn_beta1_s5.json", "acrobot_dqn_l2n_beta1_best_rest.json"),
     ("acrobot_dqn_beta1_lr34.json", "acrobot_dqn_ln_beta1_best_rest.json"),
     ("cartpole_dqn_ln_lr5.json", "cartpole_dqn_ln_best_rest.json"),
+    ("acrobot_dqn_beta1_lr5.json", "acrobot_dqn_beta1_best_rest.json"),
     # E37: Acrobot's beta = 10^-3 cells at 10^-2.5 and 10^-3, seeds 5-9
     ("acrobot_dqn.json", "acrobot_dqn_beta3_s5.json"),
     ("acrobot_dqn_lr3.json", "acrobot_dqn_beta3_s5.json"),
