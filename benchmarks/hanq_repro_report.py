@@ -352,6 +352,7 @@ def main(argv: list[str]) -> None:
     for env_id, title, figure in (
         ("DiscretePendulum-v1, data: episodes", "Pendulum", "lr_sensitivity.png"),
         ("Acrobot-v1", "Acrobot", "lr_sensitivity_acrobot.png"),
+        ("CartPole-v1", "CartPole", "lr_sensitivity_cartpole.png"),
     ):
         if plot_lr_sensitivity(out_dir / figure, title, tuned_rows(groups, env_id)):
             print(f"wrote {out_dir / figure}")
@@ -549,9 +550,16 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     "episodes", "trajectory" and 10-seed "uniform_episodes" readings (curves_datasets.png); the "uniform" reading's runs
     (curves_uniform{,_ablations,_dqn}.png); per other environment, one file for the rest and one for its
     ablations per learning rate (``_lr4``: 10^-4, ``_lr35``: 10^-3.5, no suffix: 10^-2.5). The ablations'
-    learning-rate grids (``*_lrs``) are drawn against the learning rate instead (lr_sensitivity.png,
-    lr_sensitivity_acrobot.png)."""
+    learning-rate grids (``*_lrs``) are drawn against the learning rate instead (lr_sensitivity*.png).
+
+    Figures of tuned rows draw each row's best cell only (:func:`best_figure_keys`, the cell its table reports;
+    a grid of 30-40 cells in one plot cannot be read): every other environment's main figure (Table 1's rows),
+    the ablations (with HANQ's best cell beside them; on other environments ``_ablations_best``) and DQN. The
+    learning-rate, kappa, dataset and per-learning-rate ablation figures keep every cell: the cells are what
+    they compare."""
     out: dict[str, tuple[str, list[str]]] = {}
+    best_only: set[str] = set()
+    ablations_best: dict[str, list[str]] = {}  # other environments: every ablation cell, by environment
     parts = [key.split("|") for key in groups]
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
     for key in groups:
@@ -561,14 +569,17 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if name.endswith("_lrs.json") and "+" not in name:
             continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)
         if not env.startswith("DiscretePendulum"):
-            part, what = ("", "")
+            part, what = ("", ": each row's best cell (Table 1)")
             if "_table" in name:  # the ablations, one figure per learning rate (10^-2.5: no suffix)
+                ablations_best.setdefault(env, []).append(key)
                 # the grids step by half a decade: 3.1623e-1 is 10^-0.5, not 10^-0.499997
                 exponent = round(2 * np.log10(groups[key][0]["hyperparameters"]["learning_rate"])) / 2
                 tag = f"{-exponent:g}".replace(".", "")
                 part = "_ablations" if tag == "25" else f"_ablations_lr{tag}"
                 what = f": ablations (Tables 2, 3, 7), lr 10^{exponent:g}"
             figure, title = f"curves_{env.split('-')[0].lower()}{part}.png", f"{env}, offline{what}"
+            if not part:
+                best_only.add(figure)
         elif name.startswith(("reset", "episodes_", "traj_", "ue_")):
             figure, title = "curves_datasets.png", "DiscretePendulum-v1: the dataset's readings (5-10 seeds)"
         elif env.endswith("episodes"):
@@ -594,7 +605,38 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         else:
             figure, title = "curves_uniform.png", "DiscretePendulum-v1, data: uniform: HANQ's readings"
         out.setdefault(figure, (title, []))[1].append(key)
+    best_only |= {"curves_ablations.png", "curves_dqn.png", "curves_uniform_ablations.png", "curves_uniform_dqn.png"}
+    for env, keys in ablations_best.items():
+        figure = f"curves_{env.split('-')[0].lower()}_ablations_best.png"
+        out[figure] = (f"{env}, offline: HANQ and its ablations (Tables 2, 3, 7), each row's best cell", keys)
+        best_only.add(figure)
+    for figure in best_only & set(out):
+        title, keys = out[figure]
+        title += "" if "best cell" in title else ", each row's best cell"
+        out[figure] = (title, best_figure_keys(groups, keys, with_hanq="ablations" in figure))
     return [(figure, title, keys) for figure, (title, keys) in out.items()]
+
+
+#: HANQ's row under its defaults (κ = 0.1, L_RG, the per-state metapredictor): the reference of Tables 2, 3, 7
+HANQ_ROW = "HANQ per state, kappa 0.1 RG next-batch"
+
+
+def best_figure_keys(groups: dict[str, list[dict[str, Any]]], keys: list[str], with_hanq: bool = False) -> list[str]:
+    """Of ``keys``, the best cell (:func:`best_cell`) of each tuned row (:func:`tuned_rows`), per environment, each
+    once (Table 1's beta = 1 and best-beta rows can share a cell); ``with_hanq``: HANQ's own best cell first
+    (:data:`HANQ_ROW`, from all of ``groups``), as the ablations' reference."""
+    picked: list[str] = []
+    for env in dict.fromkeys(key.split("|")[0] for key in keys):
+        sub = {key: groups[key] for key in keys if key.split("|")[0] == env}
+        rows = sorted(tuned_rows(sub, env).items())
+        if with_hanq and HANQ_ROW in (everything := tuned_rows(groups, env)):
+            rows.insert(0, (HANQ_ROW, everything[HANQ_ROW]))
+        for _, cells in rows:
+            group = best_cell(cells)[0][1]
+            key = next(k for k, g in groups.items() if g is group)
+            if key not in picked:
+                picked.append(key)
+    return picked
 
 
 def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]]) -> None:

@@ -124,20 +124,52 @@ def test_drop_repeats_keeps_the_larger_run_and_compares_the_repeated_seeds():
     assert report.drop_repeats(identical)[1][0].endswith("identical scores")
 
 
+def hanq(lr: float, scores: dict[int, float], **flags: Any) -> list[dict[str, Any]]:
+    h = {"learning_rate": lr, "hyper_lr": 0.1, "hyper_objective": "rg", "metapredictor_outputs": "state", **flags}
+    return [{**m, "hyperparameters": h, "algorithm": "hanq"} for m in members(scores)]
+
+
+def keyed(env: str, cells: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    return {f"{env}|{name}|{report.label(g[0]['hyperparameters'], g[0]['algorithm'])}": g for name, g in cells.items()}
+
+
 def test_acrobot_ablation_figures_are_named_by_half_decade():
     """One figure per learning rate, named by its exponent on the grid's half-decades (3.1623e-1 is 10^-0.5:
     ``_lr05``, not ``_lr0499997``); 10^-2.5 keeps the unsuffixed name."""
-    groups = {
-        f"Acrobot-v1|acrobot_table2_no_pred_{name}.json|w/o any pred., lr {lr}": [
-            {"seed": 0, "average_score": 1.0, "hyperparameters": {"learning_rate": lr}, "algorithm": "hanq"}
-        ]
+    cells = {
+        f"acrobot_table2_no_pred_{name}.json": hanq(lr, {0: 1.0}, predictor="none")
         for name, lr in (("lr05", 3.1623e-1), ("lr1", 1e-1), ("lr25", 3.1623e-3), ("lr45", 3.1623e-5))
     }
-    files = {figure: title for figure, title, _ in report.figures(groups)}
+    files = {figure: title for figure, title, _ in report.figures(keyed("Acrobot-v1", cells))}
     assert set(files) == {
         "curves_acrobot_ablations_lr05.png",
         "curves_acrobot_ablations_lr1.png",
         "curves_acrobot_ablations.png",
         "curves_acrobot_ablations_lr45.png",
+        "curves_acrobot_ablations_best.png",
     }
     assert files["curves_acrobot_ablations_lr05.png"].endswith("lr 10^-0.5")
+
+
+def test_figures_of_tuned_rows_draw_each_rows_best_cell():
+    """Table 1's figure draws the cell each row reports (a beta = 1 cell that is also its best-beta row's best
+    appears once); the ablations' best-cell figure puts HANQ's best beside them; per-learning-rate figures keep
+    every cell."""
+    cells = {
+        "hanq_lr3.json": hanq(1e-3, {0: 50.0, 1: 60.0}),
+        "hanq_lr4.json": hanq(1e-4, {0: 80.0, 1: 90.0}),
+        "dqn_beta1_lr3.json": dqn(1.0, 1e-3, {0: 70.0, 1: 70.0}),
+        "dqn_beta3_lr3.json": dqn(1e-3, 1e-3, {0: 10.0, 1: 20.0}),
+        "dqn_beta1_lr4.json": dqn(1.0, 1e-4, {0: 30.0, 1: 30.0}),
+        "cartpole_table2_no_pred_lr4.json": hanq(1e-4, {0: 5.0, 1: 5.0}, predictor="none"),
+        "cartpole_table2_no_pred_lr25.json": hanq(3.1623e-3, {0: 9.0, 1: 9.0}, predictor="none"),
+    }
+    groups = keyed("CartPole-v1", cells)
+    files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(groups)}
+    assert files["curves_cartpole.png"] == ["dqn_beta1_lr3.json", "hanq_lr4.json"]  # rows: DQN-LN x2, HANQ
+    assert files["curves_cartpole_ablations_best.png"] == ["hanq_lr4.json", "cartpole_table2_no_pred_lr25.json"]
+    assert files["curves_cartpole_ablations_lr4.png"] == ["cartpole_table2_no_pred_lr4.json"]
+    # Pendulum's DQN figure (Tables 1 and 8) takes the same rule
+    pendulum = keyed(ENV, {f"ep_{name}": group for name, group in cells.items() if name.startswith("dqn")})
+    files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(pendulum)}
+    assert files == {"curves_dqn.png": ["ep_dqn_beta1_lr3.json"]}
