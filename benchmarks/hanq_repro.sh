@@ -494,6 +494,14 @@ ON_LANE=1 run ep_dqn_beta1_lr35_45 --algo dqn --learning-rate 3.1623e-4 3.1623e-
 #     10^-3, for DQN-LN) at 10^-2, 10^-3, 10^-3.5 and 10^-4 (10 seeds; the beta grid at 10^-2.5 is E4's)
 ON_LANE=0 run ep_dqn_beta4_lrs --algo dqn --learning-rate 1e-2 1e-3 3.1623e-4 1e-4 --tau 1e-4 --seed 1 $E \
   -params "main_norm:['none','layer','l2']"
+# E39. After E35/E36 on Pendulum (seeds 0-9): DQN-LN's best cell moved to beta = 10^-4 at 10^-2 (72.9 against 72.7
+#     at beta = 10^-3, 10^-3); DQN without a target network to 10^-3.5 (26.6 against 23.0 at 10^-4); DQN-l2N without
+#     one to 10^-4.5 (13.1 against 12.3), its grid's end. Seeds 10-29 at the two new best cells; 10^-5 (10 seeds)
+ON_LANE=0 SEEDS=20 run ep_dqn_ln_beta4_lr2_rest --algo dqn --learning-rate 1e-2 --tau 1e-4 --first-seed 10 --seed 1 \
+  $E -params main_norm:layer
+ON_LANE=1 SEEDS=20 run ep_dqn_beta1_lr35_rest --algo dqn --learning-rate 3.1623e-4 --tau 1 --first-seed 10 --seed 1 \
+  $E -params main_norm:none
+ON_LANE=1 run ep_dqn_l2n_beta1_lr5 --algo dqn --learning-rate 1e-5 --tau 1 --seed 1 $E -params main_norm:l2
 # E37. Acrobot's best-beta DQN rows select on seeds 0-4, as their beta = 10^-3 cells at 10^-2.5 and 10^-3 have five
 #     seeds: seeds 5-9 there. Their best beta = 10^-3 cells sit at 10^-4, the end of that beta's grid (beta = 1 has
 #     10^-4.5 and 10^-5): 10^-4.5 with beta = 10^-3 (10 seeds)

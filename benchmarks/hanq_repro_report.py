@@ -173,6 +173,9 @@ POOLS = (
     ("acrobot_dqn_beta1_lr34.json", "acrobot_dqn_ln_beta1_best_rest.json"),
     ("cartpole_dqn_ln_lr5.json", "cartpole_dqn_ln_best_rest.json"),
     ("acrobot_dqn_beta1_lr5.json", "acrobot_dqn_beta1_best_rest.json"),
+    # E39: Pendulum's new best cells after E35/E36 at 30 seeds
+    ("ep_dqn_beta4_lrs.json", "ep_dqn_ln_beta4_lr2_rest.json"),
+    ("ep_dqn_beta1_lr35_45.json", "ep_dqn_beta1_lr35_rest.json"),
     # E37: Acrobot's beta = 10^-3 cells at 10^-2.5 and 10^-3, seeds 5-9
     ("acrobot_dqn.json", "acrobot_dqn_beta3_s5.json"),
     ("acrobot_dqn_lr3.json", "acrobot_dqn_beta3_s5.json"),
