@@ -524,3 +524,17 @@ for cell in "${E38[@]}"; do
   ON_LANE=1 ENV_ID=CartPole-v1 run "cartpole_dqn_${norm}_beta_slice" --algo dqn --learning-rate "$lr" \
     --tau 1e-1 1e-2 1e-4 --seed 1 -params "main_norm:$norm"
 done
+# E40. After E37-E39 (seeds 0-9): Acrobot's DQN-LN best cell moved to beta = 10^-3 at 10^-4.5 (97.0 against 94.4 at
+#     beta = 1, 10^-4), the end of that beta's grid; CartPole's DQN-l2N to beta = 10^-1 at 10^-4 (38.9 against 38.8
+#     at beta = 10^-3); Pendulum's DQN-l2N without a target stays at 10^-4.5 (13.1; 9.8 at 10^-5). Seeds 10-29 at
+#     the new best cells; Acrobot's DQN-LN at 10^-5 (beta = 10^-3) and 10^-4.5 (beta = 1), 10 seeds
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_ln_lr45_rest --algo dqn --learning-rate 3.1623e-5 --tau 1e-3 \
+  --first-seed 10 --seed 1 -params main_norm:layer
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_lr5 --algo dqn --learning-rate 1e-5 --tau 1e-3 --seed 1 \
+  -params main_norm:layer
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_beta1_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1 --seed 1 \
+  -params main_norm:layer
+ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_l2n_beta01_rest --algo dqn --learning-rate 1e-4 --tau 1e-1 \
+  --first-seed 10 --seed 1 -params main_norm:l2
+ON_LANE=1 SEEDS=20 run ep_dqn_l2n_beta1_lr45_rest --algo dqn --learning-rate 3.1623e-5 --tau 1 --first-seed 10 \
+  --seed 1 $E -params main_norm:l2

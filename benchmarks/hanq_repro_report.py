@@ -179,6 +179,10 @@ POOLS = (
     # E37: Acrobot's beta = 10^-3 cells at 10^-2.5 and 10^-3, seeds 5-9
     ("acrobot_dqn.json", "acrobot_dqn_beta3_s5.json"),
     ("acrobot_dqn_lr3.json", "acrobot_dqn_beta3_s5.json"),
+    # E40: the best cells E37-E39 moved, at 30 seeds
+    ("acrobot_dqn_lr45.json", "acrobot_dqn_ln_lr45_rest.json"),
+    ("cartpole_dqn_l2_beta_slice.json", "cartpole_dqn_l2n_beta01_rest.json"),
+    ("ep_dqn_beta1_lr35_45.json", "ep_dqn_l2n_beta1_lr45_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
