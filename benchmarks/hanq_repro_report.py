@@ -576,7 +576,7 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if name.endswith("_lrs.json") and "+" not in name:
             continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)
         if not env.startswith("DiscretePendulum"):
-            part, what = ("", ": each row's best cell (Table 1)")
+            part, what = ("", ": Table 1's rows")
             if "_table" in name:  # the ablations, one figure per learning rate (10^-2.5: no suffix)
                 ablations_best.setdefault(env, []).append(key)
                 # the grids step by half a decade: 3.1623e-1 is 10^-0.5, not 10^-0.499997
@@ -615,12 +615,14 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     best_only |= {"curves_ablations.png", "curves_dqn.png", "curves_uniform_ablations.png", "curves_uniform_dqn.png"}
     for env, keys in ablations_best.items():
         figure = f"curves_{env.split('-')[0].lower()}_ablations_best.png"
-        out[figure] = (f"{env}, offline: HANQ and its ablations (Tables 2, 3, 7), each row's best cell", keys)
+        out[figure] = (f"{env}, offline: HANQ and its ablations (Tables 2, 3, 7)", keys)
         best_only.add(figure)
     for figure in best_only & set(out):
         title, keys = out[figure]
-        title += "" if "best cell" in title else ", each row's best cell"
-        out[figure] = (title, best_figure_keys(groups, keys, with_hanq="ablations" in figure))
+        out[figure] = (
+            f"{title}, each row's best cell",
+            best_figure_keys(groups, keys, with_hanq="ablations" in figure),
+        )
     return [(figure, title, keys) for figure, (title, keys) in out.items()]
 
 
