@@ -71,6 +71,10 @@ def dqn(tau: float, lr: float, scores: dict[int, float]) -> list[dict[str, Any]]
     return [{**m, "hyperparameters": h, "algorithm": "dqn"} for m in members(scores)]
 
 
+def keyed(env: str, cells: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    return {f"{env}|{name}|{report.label(g[0]['hyperparameters'], g[0]['algorithm'])}": g for name, g in cells.items()}
+
+
 def test_best_beta_rows_tune_over_beta_1_too():
     """Table 1's best-beta rows tune beta over {10^0, ..., 10^-4}: a beta = 1 cell that beats every beta < 1 cell
     is the row's best, and the row keeps the paper's best-beta number."""
@@ -79,7 +83,7 @@ def test_best_beta_rows_tune_over_beta_1_too():
         "target.json": dqn(1e-3, 1e-3, {0: 40.0, 1: 50.0}),
         "no_target.json": dqn(1.0, 1e-2, {0: 60.0, 1: 70.0}),
     }
-    groups = {f"{env}|{name}|{report.label(g[0]['hyperparameters'], 'dqn')}": g for name, g in cells.items()}
+    groups = keyed(env, cells)
     rows = report.tuned_rows(groups, env)
     assert sorted(rows) == ["DQN-LN, best beta", "DQN-LN, beta 1"]
     assert sorted(name for name, _ in rows["DQN-LN, best beta"]) == ["no_target.json", "target.json"]
@@ -127,10 +131,6 @@ def test_drop_repeats_keeps_the_larger_run_and_compares_the_repeated_seeds():
 def hanq(lr: float, scores: dict[int, float], **flags: Any) -> list[dict[str, Any]]:
     h = {"learning_rate": lr, "hyper_lr": 0.1, "hyper_objective": "rg", "metapredictor_outputs": "state", **flags}
     return [{**m, "hyperparameters": h, "algorithm": "hanq"} for m in members(scores)]
-
-
-def keyed(env: str, cells: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    return {f"{env}|{name}|{report.label(g[0]['hyperparameters'], g[0]['algorithm'])}": g for name, g in cells.items()}
 
 
 def test_acrobot_ablation_figures_are_named_by_half_decade():
