@@ -538,3 +538,31 @@ ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_l2n_beta01_rest --algo dq
   --first-seed 10 --seed 1 -params main_norm:l2
 ON_LANE=1 SEEDS=20 run ep_dqn_l2n_beta1_lr45_rest --algo dqn --learning-rate 3.1623e-5 --tau 1 --first-seed 10 \
   --seed 1 $E -params main_norm:l2
+# E41. After E40: Acrobot's beta = 1 DQN-LN moved to 10^-4.5 (94.7 against 94.4 at 10^-4), its grid's end: 10^-5
+#     (10 seeds). The joint learning rate x beta grid, around each row's slice (E38): beta in {10^-1, 10^-2} (beta
+#     = 10^-4 lost on both envs) half a decade either side of the slice's learning rate, 10 seeds. Acrobot: 10^-3.5
+#     and 10^-4.5 for the three rows; CartPole: DQN at 10^-3 and 10^-4, DQN-LN at 10^-4.5 and 10^-5.5, DQN-l2N at
+#     10^-3.5 and 10^-4.5
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_beta1_lr5 --algo dqn --learning-rate 1e-5 --tau 1 --seed 1 \
+  -params main_norm:layer
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta12_lrs --algo dqn --learning-rate 3.1623e-4 3.1623e-5 \
+  --tau 1e-1 1e-2 --seed 1 -params "main_norm:['none','layer','l2']"
+E41=(
+  "none|1e-3 1e-4"
+  "layer|3.1623e-5 3.1623e-6"
+  "l2|3.1623e-4 3.1623e-5"
+)
+for cell in "${E41[@]}"; do
+  IFS='|' read -r norm lrs <<< "$cell"
+  # shellcheck disable=SC2086  # the row's two learning rates
+  ON_LANE=0 ENV_ID=CartPole-v1 run "cartpole_dqn_${norm}_beta12_lrs" --algo dqn --learning-rate $lrs \
+    --tau 1e-1 1e-2 --seed 1 -params "main_norm:$norm"
+done
+# E42. Table 8 (hypergradient DQN, L_RG) tuned over learning rates and beta, towards the paper's grid (kappa in
+#     {10^-1, 10^-2, 10^-3}, beta in {1, ..., 10^-3}); so far kappa in {10^-1, 10^-3} and beta in {1, 10^-3} at 10^-2.5
+#     only (10 seeds; beta = 10^-3 best, 41.2 / 46.6, bimodal). beta = 10^-3 at 10^-2, 10^-3 and 10^-3.5 for the two
+#     kappas; kappa = 10^-2 (not run yet) with beta = 10^-3 at 10^-2 ... 10^-3.5; beta in {10^-1, 10^-2} at 10^-2.5
+#     for the three kappas (10 seeds)
+ON_LANE=1 run ep_table8_dqn_lrs --algo dqn --learning-rate 1e-2 1e-3 3.1623e-4 --hyper-lr 0.1 1e-3 --tau 1e-3 $E
+ON_LANE=1 run ep_table8_dqn_kappa2 --algo dqn --learning-rate 1e-2 $LR 1e-3 3.1623e-4 --hyper-lr 1e-2 --tau 1e-3 $E
+ON_LANE=1 run ep_table8_dqn_beta12 --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-2 1e-3 --tau 1e-1 1e-2 $E
