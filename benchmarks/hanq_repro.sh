@@ -566,3 +566,10 @@ done
 ON_LANE=1 run ep_table8_dqn_lrs --algo dqn --learning-rate 1e-2 1e-3 3.1623e-4 --hyper-lr 0.1 1e-3 --tau 1e-3 $E
 ON_LANE=1 run ep_table8_dqn_kappa2 --algo dqn --learning-rate 1e-2 $LR 1e-3 3.1623e-4 --hyper-lr 1e-2 --tau 1e-3 $E
 ON_LANE=1 run ep_table8_dqn_beta12 --algo dqn --learning-rate $LR --hyper-lr 0.1 1e-2 1e-3 --tau 1e-1 1e-2 $E
+# E43. After E41/E42's first runs (seeds 0-9): Acrobot's beta = 1 DQN-LN scores 90.3 at 10^-5, so 10^-4.5 (94.7)
+#     is its best cell: seeds 10-29 there. Table 8 with beta = 10^-3 is flat over learning rates (kappa = 10^-1:
+#     43.3 / 41.2 / 44.1 / 45.3 at 10^-2 ... 10^-3.5; kappa = 10^-3: 42.8 / 46.6 / 44.9 / 45.5); kappa = 10^-1's
+#     best sits at the grid's end: 10^-4 for both kappas (10 seeds)
+ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_ln_beta1_lr45_rest --algo dqn --learning-rate 3.1623e-5 --tau 1 \
+  --first-seed 10 --seed 1 -params main_norm:layer
+ON_LANE=1 run ep_table8_dqn_lr4 --algo dqn --learning-rate 1e-4 --hyper-lr 0.1 1e-3 --tau 1e-3 $E
