@@ -5,7 +5,9 @@
 Reads every population results file (``python -m sb3_hanq.population ... --out X.json``) in the directories given
 (default: ``benchmarks/results/hanq_repro`` and the 30-seed run in ``benchmarks/results/population``), and writes
 ``summary.md`` (per environment, one row per configuration: seeds, mean, rliable IQM with its 95% CI, the paper's
-number where the paper has that configuration, the final learning rate and omega_scale^+) and ``curves*.png``
+number where the paper has that configuration, the final learning rate and omega_scale^+), ``paper_tables.md``
+(the paper's Tables 1-4, 7 and 8 as reproduced: each row's tuned best cell beside the paper's number, per
+environment; :func:`paper_tables`) and ``curves*.png``
 (score, learning rate and omega_scale^+ against gradient steps, mean with a 95% bootstrap band, as Figs. 3, 6
 and 7; see :func:`figures`) into the first directory. Pendulum's rows are grouped by the dataset's reading
 (``--pendulum-start``; "episodes", the default, first).
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sb3_hanq.population.run import summarize
+from sb3_hanq.population.trainer import _param_defaults
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DIRS = [ROOT / "results" / "hanq_repro", ROOT / "results" / "population"]
@@ -241,20 +244,23 @@ def label(h: dict[str, Any], algo: str) -> str:
     return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch{step}, {lr}"
 
 
-def paper_number(h: dict[str, Any], algo: str, env_id: str, best_beta: bool = False) -> str:
-    """The paper's number for a configuration; ``best_beta``: as the best-beta row of Table 1, whatever its beta
+def paper_key(h: dict[str, Any], algo: str, best_beta: bool = False) -> tuple[Any, ...]:
+    """The :data:`PAPER` key of a configuration; ``best_beta``: as the best-beta row of Table 1, whatever its beta
     (a beta = 1 cell can be that row's best)."""
-    key: tuple[Any, ...]
     if algo == "dqn" and h["hyper_lr"] > 0:
-        key = (f"dqn-{h['main_norm']}", "kappa", h["hyper_lr"])
-    elif algo == "dqn":
-        key = (f"dqn-{h['main_norm']}", "best" if best_beta or h["tau"] != 1.0 else 1.0)
-    elif ablation(h) is not None:
-        key = (algo, ablation(h)[0])  # type: ignore[index]
-    elif table4(h) is not None:
-        key = (algo, "table4", *table4(h))  # type: ignore[misc]
-    else:
-        key = (algo, h["hyper_lr"], h["hyper_objective"])
+        return (f"dqn-{h['main_norm']}", "kappa", h["hyper_lr"])
+    if algo == "dqn":
+        return (f"dqn-{h['main_norm']}", "best" if best_beta or h["tau"] != 1.0 else 1.0)
+    if ablation(h) is not None:
+        return (algo, ablation(h)[0])  # type: ignore[index]
+    if table4(h) is not None:
+        return (algo, "table4", *table4(h))  # type: ignore[misc]
+    return (algo, h["hyper_lr"], h["hyper_objective"])
+
+
+def paper_number(h: dict[str, Any], algo: str, env_id: str, best_beta: bool = False) -> str:
+    """The paper's number for a configuration (:func:`paper_key`), or "-" where the paper has none."""
+    key = paper_key(h, algo, best_beta)
     if key not in PAPER.get(env_id, {}):
         return "-"
     mean, low, high, where = PAPER[env_id][key]
@@ -351,6 +357,7 @@ def main(argv: list[str]) -> None:
         lines += repeats
     out_dir = dirs[0]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "paper_tables.md").write_text("\n".join(paper_tables(groups)) + "\n")
     print("\n".join(lines))
     written = figures(groups)
     for stale in set(out_dir.glob("curves*.png")) - {out_dir / figure for figure, _, _ in written}:
@@ -444,6 +451,75 @@ def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+#: The environments of the paper's tables: the report's name (Pendulum: the default data), :data:`PAPER`'s, column
+PAPER_ENVS = (
+    ("DiscretePendulum-v1, data: episodes", "DiscretePendulum-v1", "Pendulum"),
+    ("Acrobot-v1", "Acrobot-v1", "Acrobot"),
+    ("CartPole-v1", "CartPole-v1", "CartPole"),
+)
+
+#: The settings that tell HANQ's readings of the paper apart (issue #14); the paper's tables compare the default's
+READINGS = ("metapredictor_outputs", "hyper_batch", "lr_parameterization")
+
+
+def default_reading(h: dict[str, Any], algo: str) -> bool:
+    """Whether a configuration uses the package's reading of the paper (DQN has one reading). Files written before
+    a setting existed lack it: the metapredictor was per (s, a) then; the other two were as their defaults."""
+    if algo == "dqn":
+        return True
+    defaults = _param_defaults(algo)
+    old = {"metapredictor_outputs": "state_action"}
+    return all(h.get(k, old.get(k, defaults[k])) == defaults[k] for k in READINGS)
+
+
+def paper_tables(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The paper's tables (1, 2, 3, 4, 7, 8) as reproduced: for every row the paper reports, each environment's best
+    cell tuned as the paper tunes (:func:`tuned_rows`, :func:`best_cell`; the package's reading,
+    :func:`default_reading`) beside the paper's number, with its seeds and cell; a check mark where our mean lies
+    inside the paper's 95% CI. An environment the paper leaves out of a table gets no column there."""
+    ours: dict[tuple[str, tuple[Any, ...]], str] = {}
+    names: dict[tuple[Any, ...], str] = {}
+    for env_id, paper_env, _ in PAPER_ENVS:
+        for row, cells in sorted(tuned_rows(groups, env_id).items()):
+            (_, group), _ = best_cell(cells)
+            h, algo = group[0]["hyperparameters"], group[0]["algorithm"]
+            key = paper_key(h, algo, best_beta="best beta" in row)
+            if key not in PAPER[paper_env] or not default_reading(h, algo):
+                continue
+            mean, (low, high) = float(np.mean([m["average_score"] for m in group])), PAPER[paper_env][key][1:3]
+            beta = f"β 10^{np.log10(h['tau']):.2g}, " if "best beta" in row else ""
+            mark = " ✓" if low <= mean <= high else ""
+            ours[paper_env, key] = f"{mean:.1f}{mark} ({len(group)}; {beta}lr 10^{np.log10(h['learning_rate']):.2g})"
+            names.setdefault(key, row)
+    lines = [
+        "**The paper's tables as reproduced** (generated by `benchmarks/hanq_repro_report.py`). Each cell: our mean "
+        "score of the row's best cell, tuned as the paper tunes (§4, §11: best mean over the learning rates run, "
+        "and over beta for DQN's best-beta rows, selected on the seeds every cell has), with (seeds; that cell); "
+        "✓ where the mean lies inside the paper's 95% CI. The paper's protocol is 30 seeds; '-' where a row has "
+        'not been run. Pendulum: the default data ("episodes").',
+    ]
+    on: dict[str, dict[tuple[Any, ...], list[str]]] = {}  # table -> row -> the environments the paper reports it on
+    for _, paper_env, _ in PAPER_ENVS:
+        for key, (*_, where) in PAPER[paper_env].items():
+            on.setdefault(where.split(",")[0], {}).setdefault(key, []).append(paper_env)
+    for table, rows in sorted(on.items(), key=lambda item: int(item[0].split()[1])):
+        envs = [env for env in PAPER_ENVS if any(env[1] in row_envs for row_envs in rows.values())]
+        lines += [
+            "",
+            f"*{table}*",
+            "",
+            "| row | " + " | ".join(f"{column} | paper [95% CI]" for *_, column in envs) + " |",
+            "|---|" + "---|---|" * len(envs),
+        ]
+        for key, row_envs in rows.items():
+            cells = []
+            for _, paper_env, _ in envs:
+                mean, low, high, _ = PAPER[paper_env].get(key, (None, None, None, ""))
+                cells += [ours.get((paper_env, key), "-"), f"{mean} [{low}, {high}]" if paper_env in row_envs else "-"]
+            lines.append(f"| {names.get(key, ' '.join(map(str, key)))} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> list[str]:

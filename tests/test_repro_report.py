@@ -173,3 +173,43 @@ def test_figures_of_tuned_rows_draw_each_rows_best_cell():
     pendulum = keyed(ENV, {f"ep_{name}": group for name, group in cells.items() if name.startswith("dqn")})
     files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(pendulum)}
     assert files == {"curves_dqn.png": ["ep_dqn_beta1_lr3.json"]}
+
+
+def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
+    """One line per row the paper reports: the best cell of the package's reading (an "alpha linear" reading that
+    scores higher is another reading, not HANQ's row), its seeds and cell, a check mark only inside the paper's CI,
+    and columns only for the environments the paper puts in that table."""
+    groups = {
+        **keyed(
+            ENV,
+            {
+                "hanq_lr3.json": hanq(1e-3, {0: 90.0, 1: 100.0}),  # mean 95.0, below the paper's [98.0, 102.2]
+                "hanq_lr2.json": hanq(1e-2, {0: 50.0, 1: 60.0}),
+                "linear.json": hanq(1e-2, {0: 101.0, 1: 101.0}, lr_parameterization="linear"),
+            },
+        ),
+        **keyed(
+            "Acrobot-v1",
+            {
+                "beta1.json": [
+                    {**m, "hyperparameters": {**m["hyperparameters"], "main_norm": "none"}}
+                    for m in dqn(1.0, 1e-4, {0: 60.0, 1: 70.0})  # 65.0: inside the paper's beta = 1 [61.7, 73.2]
+                ],
+                "beta3.json": [
+                    {**m, "hyperparameters": {**m["hyperparameters"], "main_norm": "none"}}
+                    for m in dqn(1e-3, 3.1623e-5, {0: 80.0, 1: 90.0})  # 85.0: best beta, under [90.3, 93.5]
+                ],
+            },
+        ),
+    }
+    lines = report.paper_tables(groups)
+    row = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ")}
+    assert row["HANQ per state, kappa 0.1 RG next-batch"] == (
+        "| HANQ per state, kappa 0.1 RG next-batch | 95.0 (2; lr 10^-3) | 100.1 [98.0, 102.2] | - | 90.1 [88.0, 92.0] "
+        "| - | 24.0 [19.1, 30.2] |"
+    )
+    assert row["DQN, beta 1"].split(" | ")[3:5] == ["65.0 ✓ (2; lr 10^-4)", "67.9 [61.7, 73.2]"]
+    assert row["DQN, best beta"].split(" | ")[3:5] == ["85.0 (2; β 10^-3, lr 10^-4.5)", "91.9 [90.3, 93.5]"]
+    table4 = lines[lines.index("*Table 4*") + 2]
+    assert table4 == "| row | Pendulum | paper [95% CI] |"  # the paper runs Table 4 on Pendulum only
+    assert sum(line.startswith("*Table ") for line in lines) == 6  # Tables 1, 2, 3, 4, 7, 8
