@@ -573,3 +573,10 @@ ON_LANE=1 run ep_table8_dqn_beta12 --algo dqn --learning-rate $LR --hyper-lr 0.1
 ON_LANE=1 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_ln_beta1_lr45_rest --algo dqn --learning-rate 3.1623e-5 --tau 1 \
   --first-seed 10 --seed 1 -params main_norm:layer
 ON_LANE=1 run ep_table8_dqn_lr4 --algo dqn --learning-rate 1e-4 --hyper-lr 0.1 1e-3 --tau 1e-3 $E
+# E44. After E41 on Acrobot (seeds 0-9): DQN's best-beta cell moved to beta = 10^-2 at 10^-3.5 (96.0 against 91.3
+#     at beta = 10^-3, 10^-4), a learning rate the beta = 1 and 10^-3 grids skipped (10^-2.5, 10^-3, 10^-4, ...):
+#     10^-3.5 with beta in {1, 10^-3} for the three rows, and beta = 10^-2 at 10^-3 for DQN (10 seeds)
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_lr35 --algo dqn --learning-rate 3.1623e-4 --tau 1 1e-3 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta2_lr3 --algo dqn --learning-rate 1e-3 --tau 1e-2 --seed 1 \
+  -params main_norm:none
