@@ -580,3 +580,8 @@ ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_lr35 --algo dqn --learning-rate 3.16
   -params "main_norm:['none','layer','l2']"
 ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta2_lr3 --algo dqn --learning-rate 1e-3 --tau 1e-2 --seed 1 \
   -params main_norm:none
+# E45. Table 8 after E42 (seeds 0-9): beta = 10^-1 and 10^-2 lose to 10^-3 at 10^-2.5 for every kappa (15.8-44.0);
+#     kappa = 10^-2's best cell is beta = 10^-3 at 10^-2.5 (48.4; 44.3 / 42.3 / 45.3 at 10^-2 / 10^-3 / 10^-3.5):
+#     seeds 10-29 there
+ON_LANE=0 SEEDS=20 run ep_table8_dqn_kappa2_rest --algo dqn --learning-rate $LR --hyper-lr 1e-2 --tau 1e-3 \
+  --first-seed 10 --seed 1 $E

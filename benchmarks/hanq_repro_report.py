@@ -188,6 +188,8 @@ POOLS = (
     ("ep_dqn_beta1_lr35_45.json", "ep_dqn_l2n_beta1_lr45_rest.json"),
     # E43: Acrobot's beta = 1 DQN-LN at its best cell (10^-4.5), seeds 10-29
     ("acrobot_dqn_ln_beta1_lr45.json", "acrobot_dqn_ln_beta1_lr45_rest.json"),
+    # E45: Table 8's best cells at 30 seeds
+    ("ep_table8_dqn_kappa2.json", "ep_table8_dqn_kappa2_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
