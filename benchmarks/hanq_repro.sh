@@ -585,3 +585,9 @@ ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta2_lr3 --algo dqn --learning-rate
 #     seeds 10-29 there
 ON_LANE=0 SEEDS=20 run ep_table8_dqn_kappa2_rest --algo dqn --learning-rate $LR --hyper-lr 1e-2 --tau 1e-3 \
   --first-seed 10 --seed 1 $E
+#     kappa = 10^-1 and 10^-3 score 40.9 and 43.6 at 10^-4 (beta = 10^-3), so their best cells stay at 10^-3.5
+#     (45.3) and 10^-2.5 (46.6): seeds 10-29 there
+ON_LANE=1 SEEDS=20 run ep_table8_dqn_kappa1_rest --algo dqn --learning-rate 3.1623e-4 --hyper-lr 0.1 --tau 1e-3 \
+  --first-seed 10 --seed 1 $E
+ON_LANE=0 SEEDS=20 run ep_table8_dqn_kappa3_rest --algo dqn --learning-rate $LR --hyper-lr 1e-3 --tau 1e-3 \
+  --first-seed 10 --seed 1 $E

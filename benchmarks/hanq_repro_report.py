@@ -190,6 +190,8 @@ POOLS = (
     ("acrobot_dqn_ln_beta1_lr45.json", "acrobot_dqn_ln_beta1_lr45_rest.json"),
     # E45: Table 8's best cells at 30 seeds
     ("ep_table8_dqn_kappa2.json", "ep_table8_dqn_kappa2_rest.json"),
+    ("ep_table8_dqn_lrs.json", "ep_table8_dqn_kappa1_rest.json"),
+    ("ep_table8_dqn_kappa+ep_table8_dqn_kappa_s5.json", "ep_table8_dqn_kappa3_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
