@@ -591,3 +591,8 @@ ON_LANE=1 SEEDS=20 run ep_table8_dqn_kappa1_rest --algo dqn --learning-rate 3.16
   --first-seed 10 --seed 1 $E
 ON_LANE=0 SEEDS=20 run ep_table8_dqn_kappa3_rest --algo dqn --learning-rate $LR --hyper-lr 1e-3 --tau 1e-3 \
   --first-seed 10 --seed 1 $E
+# E46. After E41 on CartPole (seeds 0-9): DQN-l2N's best cell moved to beta = 10^-2 at 10^-3.5 (41.9 against 38.9
+#     at beta = 10^-1, 10^-4); DQN's and DQN-LN's stay (43.5 at beta = 10^-3, 10^-3.5; 51.2 at beta = 10^-3, 10^-5).
+#     Seeds 10-29 at the new cell
+ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_l2n_beta2_rest --algo dqn --learning-rate 3.1623e-4 --tau 1e-2 \
+  --first-seed 10 --seed 1 -params main_norm:l2

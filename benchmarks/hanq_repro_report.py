@@ -192,6 +192,8 @@ POOLS = (
     ("ep_table8_dqn_kappa2.json", "ep_table8_dqn_kappa2_rest.json"),
     ("ep_table8_dqn_lrs.json", "ep_table8_dqn_kappa1_rest.json"),
     ("ep_table8_dqn_kappa+ep_table8_dqn_kappa_s5.json", "ep_table8_dqn_kappa3_rest.json"),
+    # E46: CartPole's DQN-l2N at its new best cell (beta = 10^-2, 10^-3.5), seeds 10-29
+    ("cartpole_dqn_l2_beta12_lrs.json", "cartpole_dqn_l2n_beta2_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
