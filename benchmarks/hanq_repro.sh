@@ -596,3 +596,10 @@ ON_LANE=0 SEEDS=20 run ep_table8_dqn_kappa3_rest --algo dqn --learning-rate $LR 
 #     Seeds 10-29 at the new cell
 ON_LANE=1 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_l2n_beta2_rest --algo dqn --learning-rate 3.1623e-4 --tau 1e-2 \
   --first-seed 10 --seed 1 -params main_norm:l2
+# E47. After E44's first run on Acrobot (seeds 0-9): DQN with beta = 10^-2 scores 98.2 at 10^-3 (96.0 at 10^-3.5,
+#     84.0 at 10^-4), its best-beta row's new best cell: 10^-2.5 with beta = 10^-2 (10 seeds), and seeds 10-29 at
+#     10^-3
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta2_lr25 --algo dqn --learning-rate $LR --tau 1e-2 --seed 1 \
+  -params main_norm:none
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_beta2_lr3_rest --algo dqn --learning-rate 1e-3 --tau 1e-2 \
+  --first-seed 10 --seed 1 -params main_norm:none

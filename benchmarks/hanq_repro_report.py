@@ -194,6 +194,8 @@ POOLS = (
     ("ep_table8_dqn_kappa+ep_table8_dqn_kappa_s5.json", "ep_table8_dqn_kappa3_rest.json"),
     # E46: CartPole's DQN-l2N at its new best cell (beta = 10^-2, 10^-3.5), seeds 10-29
     ("cartpole_dqn_l2_beta12_lrs.json", "cartpole_dqn_l2n_beta2_rest.json"),
+    # E47: Acrobot's DQN at its new best cell (beta = 10^-2, 10^-3), seeds 10-29
+    ("acrobot_dqn_beta2_lr3.json", "acrobot_dqn_beta2_lr3_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
