@@ -603,3 +603,7 @@ ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_beta2_lr25 --algo dqn --learning-rat
   -params main_norm:none
 ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_beta2_lr3_rest --algo dqn --learning-rate 1e-3 --tau 1e-2 \
   --first-seed 10 --seed 1 -params main_norm:none
+# E48. After E44/E47 (seeds 0-9): Acrobot's DQN with beta = 10^-2 scores 96.4 at 10^-2.5, so 10^-3 (98.2) stays its
+#     best cell; DQN-l2N's best-beta cell moved to beta = 10^-3 at 10^-3.5 (92.2 against 89.2 at 10^-4): seeds 10-29
+ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_l2n_lr35_rest --algo dqn --learning-rate 3.1623e-4 --tau 1e-3 \
+  --first-seed 10 --seed 1 -params main_norm:l2

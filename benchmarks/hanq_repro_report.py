@@ -196,6 +196,8 @@ POOLS = (
     ("cartpole_dqn_l2_beta12_lrs.json", "cartpole_dqn_l2n_beta2_rest.json"),
     # E47: Acrobot's DQN at its new best cell (beta = 10^-2, 10^-3), seeds 10-29
     ("acrobot_dqn_beta2_lr3.json", "acrobot_dqn_beta2_lr3_rest.json"),
+    # E48: Acrobot's DQN-l2N at its new best cell (beta = 10^-3, 10^-3.5), seeds 10-29
+    ("acrobot_dqn_lr35.json", "acrobot_dqn_l2n_lr35_rest.json"),
 )
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
