@@ -607,3 +607,7 @@ ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_beta2_lr3_rest --algo dqn -
 #     best cell; DQN-l2N's best-beta cell moved to beta = 10^-3 at 10^-3.5 (92.2 against 89.2 at 10^-4): seeds 10-29
 ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_l2n_lr35_rest --algo dqn --learning-rate 3.1623e-4 --tau 1e-3 \
   --first-seed 10 --seed 1 -params main_norm:l2
+# E49. Pendulum's joint learning rate x beta grid around 10^-2.5: beta in {10^-1, 10^-2} (run at 10^-2.5 only, 7.9-48.8
+#     there, below beta = 10^-3 and 10^-4 for every row) at 10^-2 and 10^-3, the three rows (10 seeds)
+ON_LANE=1 run ep_dqn_beta12_lrs --algo dqn --learning-rate 1e-2 1e-3 --tau 1e-1 1e-2 --seed 1 $E \
+  -params "main_norm:['none','layer','l2']"
