@@ -611,3 +611,7 @@ ON_LANE=0 ENV_ID=Acrobot-v1 SEEDS=20 run acrobot_dqn_l2n_lr35_rest --algo dqn --
 #     there, below beta = 10^-3 and 10^-4 for every row) at 10^-2 and 10^-3, the three rows (10 seeds)
 ON_LANE=1 run ep_dqn_beta12_lrs --algo dqn --learning-rate 1e-2 1e-3 --tau 1e-1 1e-2 --seed 1 $E \
   -params "main_norm:['none','layer','l2']"
+# E50. Acrobot's DQN-LN with beta = 10^-2 (92.2 at 10^-3.5, 91.5 at 10^-4, 95.5 at 10^-4.5) at 10^-3 and 10^-2.5,
+#     where DQN's beta = 10^-2 cells peaked (10 seeds)
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_beta2_lrs --algo dqn --learning-rate $LR 1e-3 --tau 1e-2 --seed 1 \
+  -params main_norm:layer
