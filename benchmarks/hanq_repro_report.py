@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sb3_hanq.population.run import summarize
-from sb3_hanq.population.trainer import _param_defaults
+from sb3_hanq.population.trainer import param_defaults
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DIRS = [ROOT / "results" / "hanq_repro", ROOT / "results" / "population"]
@@ -479,7 +479,7 @@ def default_reading(h: dict[str, Any], algo: str) -> bool:
     a setting existed lack it: the metapredictor was per (s, a) then; the other two were as their defaults."""
     if algo == "dqn":
         return True
-    defaults = _param_defaults(algo)
+    defaults = param_defaults(algo)
     old = {"metapredictor_outputs": "state_action"}
     return all(h.get(k, old.get(k, defaults[k])) == defaults[k] for k in READINGS)
 
@@ -526,8 +526,8 @@ def paper_tables(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         for key, row_envs in rows.items():
             cells = []
             for _, paper_env, _ in envs:
-                mean, low, high, _ = PAPER[paper_env].get(key, (None, None, None, ""))
-                cells += [ours.get((paper_env, key), "-"), f"{mean} [{low}, {high}]" if paper_env in row_envs else "-"]
+                paper = "{} [{}, {}]".format(*PAPER[paper_env][key][:3]) if paper_env in row_envs else "-"
+                cells += [ours.get((paper_env, key), "-"), paper]
             lines.append(f"| {names.get(key, ' '.join(map(str, key)))} | " + " | ".join(cells) + " |")
     return lines
 

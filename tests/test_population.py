@@ -371,8 +371,8 @@ def test_results_file_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(run_module.PopulationTrainer, "record", original)
     import sb3_hanq.population.trainer as trainer_module
 
-    defaults = trainer_module._param_defaults
-    monkeypatch.setattr(trainer_module, "_param_defaults", lambda algo: {**defaults(algo), "meta_norm": "layer"})
+    defaults = trainer_module.param_defaults
+    monkeypatch.setattr(trainer_module, "param_defaults", lambda algo: {**defaults(algo), "meta_norm": "layer"})
     with pytest.raises(ValueError, match="member_params"):
         train_population(**RUN, device="cpu", out=out, verbose=0)
 

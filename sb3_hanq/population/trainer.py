@@ -140,7 +140,10 @@ MINIBATCH_STREAMS = ("member", "population")
 STREAM_BLOCK = 250
 
 
-def _param_defaults(algo: str) -> dict[str, Any]:
+def param_defaults(algo: str) -> dict[str, Any]:
+    """An algorithm's structural settings (``-params`` keys) when a run leaves them out: HANQ's reading of the paper
+    (issue #14: per-state metapredictor, next-minibatch hypergradient, a step on log alpha), with the algorithm's
+    own network flags (:data:`ALGORITHMS`)."""
     policy = dict(
         predictor="meta",
         positive_scale=True,
@@ -218,7 +221,7 @@ def make_members(
                 _check_number(name, value, 0.0, 1.0, low_open=False, high_open=True)
             elif value not in HYPER_OBJECTIVES:
                 raise ValueError(f"Invalid hyper_objective={value!r}: expected one of {HYPER_OBJECTIVES}")
-    structural = _param_defaults(algo)
+    structural = param_defaults(algo)
     param_grids: dict[str, list[Any]] = {}
     for name, value in (params or {}).items():
         if name not in GROUP_PARAMS:
