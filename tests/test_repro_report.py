@@ -66,8 +66,8 @@ def test_unpooled_add_ons_names_runs_after_seed_0_that_no_pool_took(monkeypatch)
     assert report.unpooled_add_ons(report.pooled(groups)) == {"late.json"}  # b.json's other cell: part of a pool
 
 
-def dqn(tau: float, lr: float, scores: dict[int, float]) -> list[dict[str, Any]]:
-    h = {"learning_rate": lr, "tau": tau, "main_norm": "layer", "hyper_lr": 0.0, "hyper_objective": "rg"}
+def dqn(tau: float, lr: float, scores: dict[int, float], norm: str = "layer") -> list[dict[str, Any]]:
+    h = {"learning_rate": lr, "tau": tau, "main_norm": norm, "hyper_lr": 0.0, "hyper_objective": "rg"}
     return [{**m, "hyperparameters": h, "algorithm": "dqn"} for m in members(scores)]
 
 
@@ -191,14 +191,10 @@ def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
         **keyed(
             "Acrobot-v1",
             {
-                "beta1.json": [
-                    {**m, "hyperparameters": {**m["hyperparameters"], "main_norm": "none"}}
-                    for m in dqn(1.0, 1e-4, {0: 60.0, 1: 70.0})  # 65.0: inside the paper's beta = 1 [61.7, 73.2]
-                ],
-                "beta3.json": [
-                    {**m, "hyperparameters": {**m["hyperparameters"], "main_norm": "none"}}
-                    for m in dqn(1e-3, 3.1623e-5, {0: 80.0, 1: 90.0})  # 85.0: best beta, under [90.3, 93.5]
-                ],
+                "beta1.json": dqn(1.0, 1e-4, {0: 60.0, 1: 70.0}, norm="none"),  # 65.0: inside beta = 1's [61.7, 73.2]
+                "beta3.json": dqn(
+                    1e-3, 3.1623e-5, {0: 80.0, 1: 90.0}, norm="none"
+                ),  # 85.0: best beta, under [90.3, 93.5]
             },
         ),
     }
