@@ -615,3 +615,16 @@ ON_LANE=1 run ep_dqn_beta12_lrs --algo dqn --learning-rate 1e-2 1e-3 --tau 1e-1 
 #     where DQN's beta = 10^-2 cells peaked (10 seeds)
 ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_beta2_lrs --algo dqn --learning-rate $LR 1e-3 --tau 1e-2 --seed 1 \
   -params main_norm:layer
+# --- Queue order from here (session of 2026-12-05) -----------------------------------------------------------------
+# E51. Acrobot's DQN-l2N with beta = 10^-2 (0-28 at 10^-3.5 ... 10^-4.5) at 10^-3 and 10^-2.5, where DQN's and
+#     DQN-LN's beta = 10^-2 cells peaked (10 seeds)
+ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_l2n_beta2_lrs --algo dqn --learning-rate $LR 1e-3 --tau 1e-2 --seed 1 \
+  -params main_norm:l2
+# E52. Table 4 tuned over learning rates as the paper tunes (so far 10^-2.5 only, E6b/E11): the nine normalisation
+#     pairs (HANQ's, l2N / LN, is the first column: kappa = 0) at 10^-2, 10^-3 and 10^-3.5, one run per
+#     metapredictor normalisation (10 seeds)
+for meta in l2 layer none; do
+  ON_LANE=$([ $meta = layer ] && echo 1 || echo 0) run "ep_table4_meta_${meta}_lrs" --algo hanq \
+    --learning-rate 1e-2 1e-3 3.1623e-4 --hyper-lr 0 --seed 1 $E \
+    -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
+done
