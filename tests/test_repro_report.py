@@ -200,12 +200,15 @@ def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
     }
     lines = report.paper_tables(groups)
     row = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ")}
-    assert row["HANQ per state, kappa 0.1 RG next-batch"] == (
-        "| HANQ per state, kappa 0.1 RG next-batch | 95.0 (2; lr 10^-3) | 100.1 [98.0, 102.2] | - | 90.1 [88.0, 92.0] "
-        "| - | 24.0 [19.1, 30.2] |"
+    assert row["HANQ, κ = 0.1"] == (
+        "| HANQ, κ = 0.1 | 95.0 (2; lr 10^-3) | 100.1 [98.0, 102.2] | - | 90.1 [88.0, 92.0] | - | 24.0 [19.1, 30.2] |"
     )
-    assert row["DQN, beta 1"].split(" | ")[3:5] == ["65.0 ✓ (2; lr 10^-4)", "67.9 [61.7, 73.2]"]
-    assert row["DQN, best beta"].split(" | ")[3:5] == ["85.0 (2; β 10^-3, lr 10^-4.5)", "91.9 [90.3, 93.5]"]
-    table4 = lines[lines.index("*Table 4*") + 2]
-    assert table4 == "| row | Pendulum | paper [95% CI] |"  # the paper runs Table 4 on Pendulum only
+    assert row["DQN, β = 1"].split(" | ")[3:5] == ["65.0 ✓ (2; lr 10^-4)", "67.9 [61.7, 73.2]"]
+    assert row["DQN, best β"].split(" | ")[3:5] == ["85.0 (2; β 10^-3, lr 10^-4.5)", "91.9 [90.3, 93.5]"]
+    start = lines.index("*Table 4*")
+    assert lines[start + 2] == "| row | Pendulum | paper [95% CI] |"  # the paper runs Table 4 on Pendulum only
+    table4 = [line.split(" | ")[0].removeprefix("| ") for line in lines[start + 4 : start + 13]]
+    assert table4 == ["l2N LN (HANQ, κ = 0)", "LN l2N", "l2N l2N", "LN LN", "- l2N", "- LN", "l2N -", "LN -", "- -"]
+    table1 = [line.split(" | ")[0].removeprefix("| ") for line in lines[lines.index("*Table 1*") + 4 :][:7]]
+    assert table1[0] == "DQN, best β" and table1[-1] == "HANQ, κ = 0.1"  # the paper's column order
     assert sum(line.startswith("*Table ") for line in lines) == 6  # Tables 1, 2, 3, 4, 7, 8
