@@ -620,6 +620,13 @@ ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_ln_beta2_lrs --algo dqn --learning-r
 #     DQN-LN's beta = 10^-2 cells peaked (10 seeds)
 ON_LANE=0 ENV_ID=Acrobot-v1 run acrobot_dqn_l2n_beta2_lrs --algo dqn --learning-rate $LR 1e-3 --tau 1e-2 --seed 1 \
   -params main_norm:l2
+# E53 (queued before E52). The readings of #14 tuned over learning rates as Table 1's HANQ row (so far 10^-2.5
+#     only): Alg. 2's same-minibatch hypergradient (85.1 there, next-minibatch 85.0) and the per-(s, a)
+#     metapredictor (15.1), at 10^-1 ... 10^-4 (10 seeds)
+ON_LANE=0 run ep_same_lrs --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 --seed 1 $E \
+  -params hyper_batch:same
+ON_LANE=1 run ep_state_action_lrs --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 --seed 1 $E \
+  -params metapredictor_outputs:state_action
 # E52. Table 4 tuned over learning rates as the paper tunes (so far 10^-2.5 only, E6b/E11): the nine normalisation
 #     pairs (HANQ's, l2N / LN, is the first column: kappa = 0) at 10^-2, 10^-3 and 10^-3.5, one run per
 #     metapredictor normalisation (10 seeds)
