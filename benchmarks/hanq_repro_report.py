@@ -16,6 +16,7 @@ and 7; see :func:`figures`) into the first directory. Pendulum's rows are groupe
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,115 +92,6 @@ PAPER: dict[str, dict[tuple[Any, ...], tuple[float, float, float, str]]] = {
         ("dqn-l2", "best"): (50.9, 43.7, 58.7, "Table 1, best beta"),
     },
 }
-
-#: The ablation rows of Tables 2 and 3 as the queue names their files (``ep_<row>_lrs.json``, ``acrobot4_<row>.json``)
-ABLATION_FILES = tuple(
-    f"table{table}_{short}"
-    for table, shorts in (
-        (2, ("no_metapred", "no_bias", "no_scale", "no_pred", "symmetrized")),
-        (3, ("no_ln", "no_l2n")),
-    )
-    for short in shorts
-)
-
-#: Runs that add seeds to an earlier one (``--first-seed``): (earlier file, add-on file). The report shows the
-#: earlier run's row as it is, and in place of the add-on's row the two pooled (configurations matched by label).
-POOLS = (
-    ("episodes10_hanq.json", "ep_hanq30_rest.json"),
-    ("ep_lr_grid.json", "ep_lr_best30.json"),
-    ("ep_lr_grid.json", "ep_lr2_rest.json"),
-    ("ep_kappa_grid.json", "ep_kappa4_rest.json"),
-    ("ep_table7_sg.json", "ep_table7_sg_rest.json"),
-    ("ep_dqn_beta_grid.json", "ep_dqn_best30.json"),
-    ("ep_dqn_lr_grid.json", "ep_dqn_ln30.json"),
-    ("ep_dqn_lr_grid.json", "ep_dqn_l2n30.json"),
-    ("ep_dqn_beta1_lr4.json", "ep_dqn_beta1_lr4_rest.json"),
-    ("ep_lr_grid.json", "ep_lr_grid_s5.json"),
-    ("acrobot_lr_4.json", "acrobot_lr4_rest.json"),
-    ("acrobot_dqn_lr4.json", "acrobot_dqn_lr4_s5.json"),
-    ("ep_kappa0.json", "ep_kappa0_rest.json"),
-    ("ep_table8_dqn_kappa.json", "ep_table8_dqn_kappa_s5.json"),
-    ("ep_table4.json", "ep_table4_s5.json"),
-    ("ep_dqn_lr_grid.json", "ep_dqn_lr_grid_s5.json"),
-    ("ep_dqn_beta_grid.json", "ep_dqn_beta_grid_s5.json"),
-    ("ep_dqn_beta1_lr3.json", "ep_dqn_beta1_lr3_s5.json"),
-    ("ep_table7_sg_lrs.json", "ep_table7_sg_lrs_s5.json"),
-    *((f"ep_{row}_lrs.json", f"ep_{row}{suffix}.json") for row in ABLATION_FILES for suffix in ("30", "_lrs_s5")),
-    # E15: a row's new best cell (selected on 10 seeds) at 30: seeds 10-29 after the cell's seeds 0-9
-    ("ep_dqn_lr_grid+ep_dqn_lr_grid_s5.json", "ep_dqn_ln_lr3_rest.json"),
-    ("ep_table2_no_bias.json", "ep_table2_no_bias_rest.json"),
-    ("ep_table2_no_metapred.json", "ep_table2_no_metapred_rest.json"),
-    ("ep_table2_symmetrized_lrs+ep_table2_symmetrized_lrs_s5.json", "ep_table2_symmetrized_lr15_rest.json"),
-    ("ep_table2_no_scale_lrs+ep_table2_no_scale_lrs_s5.json", "ep_table2_no_scale_lr15_rest.json"),
-    ("ep_table3_no_l2n_lrs+ep_table3_no_l2n_lrs_s5.json", "ep_table3_no_l2n_lr3_rest.json"),
-    ("ep_table3_no_ln_lrs+ep_table3_no_ln_lrs_s5.json", "ep_table3_no_ln_lr15_rest.json"),
-    ("ep_table7_sg_lrs+ep_table7_sg_lrs_s5.json", "ep_table7_sg_lr2_rest.json"),
-    # E16: Acrobot's ablations, seeds 5-9 at 10^-4 after acrobot4_*'s 0-4 (their 10^-3 and 10^-3.5 cells stand alone)
-    *((f"acrobot4_{row}.json", f"acrobot_{row}_lrs.json") for row in (*ABLATION_FILES, "table7_sg")),
-    # E21: the best cells E14 moved to the grid's ends, at 30 seeds
-    ("ep_table2_no_scale_ends.json", "ep_table2_no_scale_lr1_rest.json"),
-    ("ep_table3_no_ln_ends.json", "ep_table3_no_ln_lr1_rest.json"),
-    ("ep_table3_no_l2n_lr45.json", "ep_table3_no_l2n_lr45_rest.json"),
-    # E17: Acrobot's DQN rows at 30 seeds (seeds 10-19 and 20-29)
-    ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5.json", "acrobot_dqn_lr4_rest0.json"),
-    ("acrobot_dqn_lr4+acrobot_dqn_lr4_s5+acrobot_dqn_lr4_rest0.json", "acrobot_dqn_lr4_rest1.json"),
-    # E22: Acrobot's grids to 10 seeds: HANQ's seeds 5-9 (one run, four learning rates), the ablations' seeds 0-4
-    *((f"acrobot_lr_{cells}.json", "acrobot_lr_s5.json") for cells in ("high", "low", "45")),
-    *((f"acrobot_{row}_lrs.json", f"acrobot_{row}_lrs_s0.json") for row in (*ABLATION_FILES, "table7_sg")),
-    # E24: HANQ's Acrobot grid, seeds 5-9 at 10^-1.5
-    ("acrobot_lr_high.json", "acrobot_lr15_s5.json"),
-    # E23: CartPole's grids to 10 seeds (seeds 5-9)
-    *((f"cartpole_lr_{cells}.json", "cartpole_lr_s5.json") for cells in ("high", "mid", "low")),
-    ("cartpole_dqn.json", "cartpole_dqn_s5.json"),
-    ("cartpole_dqn_lr34.json", "cartpole_dqn_lr34_s5.json"),
-    # E27: Acrobot's ablation rows and CartPole's HANQ at their best cells (selected on seeds 0-9), seeds 10-29
-    ("acrobot4_table2_no_scale+acrobot_table2_no_scale_lrs.json", "acrobot_table2_no_scale_best_rest.json"),
-    ("acrobot_table2_no_bias_lr25.json", "acrobot_table2_no_bias_best_rest.json"),
-    (
-        "acrobot_table2_no_metapred_lrs+acrobot_table2_no_metapred_lrs_s0.json",
-        "acrobot_table2_no_metapred_best_rest.json",
-    ),
-    ("acrobot_table3_no_l2n_lrs+acrobot_table3_no_l2n_lrs_s0.json", "acrobot_table3_no_l2n_best_rest.json"),
-    ("acrobot_table2_symmetrized.json", "acrobot_table2_symmetrized_best_rest.json"),
-    ("acrobot_table7_sg.json", "acrobot_table7_sg_best_rest.json"),
-    ("acrobot_table3_no_ln_lr2.json", "acrobot_table3_no_ln_best_rest.json"),
-    ("cartpole_hanq.json", "cartpole_hanq_rest.json"),
-    # E28: Acrobot's beta = 1 rows, seeds 5-9 at 10^-2.5
-    ("acrobot_dqn.json", "acrobot_dqn_beta1_s5.json"),
-    # E29: w/o any pred.'s best Acrobot cell, 10^-1, at 30 seeds
-    ("acrobot_table2_no_pred_lr1.json", "acrobot_table2_no_pred_best_rest.json"),
-    # E33: the DQN rows' best cells at 30 seeds (CartPole's DQN and DQN-l2N; Acrobot's beta = 1 DQN-LN and DQN-l2N)
-    ("cartpole_dqn_lr35.json", "cartpole_dqn_best_rest.json"),
-    ("cartpole_dqn+cartpole_dqn_s5.json", "cartpole_dqn_beta1_best_rest.json"),
-    ("cartpole_dqn_lr34+cartpole_dqn_lr34_s5.json", "cartpole_dqn_l2n_best_rest.json"),
-    ("cartpole_dqn_beta1_lr34.json", "cartpole_dqn_l2n_best_rest.json"),
-    ("acrobot_dqn+acrobot_dqn_beta1_s5.json", "acrobot_dqn_l2n_beta1_best_rest.json"),
-    ("acrobot_dqn_beta1_lr34.json", "acrobot_dqn_ln_beta1_best_rest.json"),
-    ("cartpole_dqn_ln_lr5.json", "cartpole_dqn_ln_best_rest.json"),
-    ("acrobot_dqn_beta1_lr5.json", "acrobot_dqn_beta1_best_rest.json"),
-    # E39: Pendulum's new best cells after E35/E36 at 30 seeds
-    ("ep_dqn_beta4_lrs.json", "ep_dqn_ln_beta4_lr2_rest.json"),
-    ("ep_dqn_beta1_lr35_45.json", "ep_dqn_beta1_lr35_rest.json"),
-    # E37: Acrobot's beta = 10^-3 cells at 10^-2.5 and 10^-3, seeds 5-9
-    ("acrobot_dqn.json", "acrobot_dqn_beta3_s5.json"),
-    ("acrobot_dqn_lr3.json", "acrobot_dqn_beta3_s5.json"),
-    # E40: the best cells E37-E39 moved, at 30 seeds
-    ("acrobot_dqn_lr45.json", "acrobot_dqn_ln_lr45_rest.json"),
-    ("cartpole_dqn_l2_beta_slice.json", "cartpole_dqn_l2n_beta01_rest.json"),
-    ("ep_dqn_beta1_lr35_45.json", "ep_dqn_l2n_beta1_lr45_rest.json"),
-    # E43: Acrobot's beta = 1 DQN-LN at its best cell (10^-4.5), seeds 10-29
-    ("acrobot_dqn_ln_beta1_lr45.json", "acrobot_dqn_ln_beta1_lr45_rest.json"),
-    # E45: Table 8's best cells at 30 seeds
-    ("ep_table8_dqn_kappa2.json", "ep_table8_dqn_kappa2_rest.json"),
-    ("ep_table8_dqn_lrs.json", "ep_table8_dqn_kappa1_rest.json"),
-    ("ep_table8_dqn_kappa+ep_table8_dqn_kappa_s5.json", "ep_table8_dqn_kappa3_rest.json"),
-    # E46: CartPole's DQN-l2N at its new best cell (beta = 10^-2, 10^-3.5), seeds 10-29
-    ("cartpole_dqn_l2_beta12_lrs.json", "cartpole_dqn_l2n_beta2_rest.json"),
-    # E47: Acrobot's DQN at its new best cell (beta = 10^-2, 10^-3), seeds 10-29
-    ("acrobot_dqn_beta2_lr3.json", "acrobot_dqn_beta2_lr3_rest.json"),
-    # E48: Acrobot's DQN-l2N at its new best cell (beta = 10^-3, 10^-3.5), seeds 10-29
-    ("acrobot_dqn_lr35.json", "acrobot_dqn_l2n_lr35_rest.json"),
-)
 
 #: HANQ's ablation flags (Tables 2 and 3): the setting that differs from HANQ's, and its name
 ABLATIONS = (
@@ -314,7 +206,7 @@ def main(argv: list[str]) -> None:
         groups.setdefault(key, []).append(member)
     groups, repeats = drop_repeats(pooled(groups))
     for name in sorted(unpooled_add_ons(groups)):
-        print(f"note: {name} has no seed 0 and is not pooled (its earlier run is not done, or POOLS misses it)")
+        print(f"note: {name} has no seed 0 and is not pooled (no run of its configurations has the seeds before it)")
     lines = [
         "**HANQ at the paper's scale (200k gradient steps)**",
         "",
@@ -591,33 +483,37 @@ def tuned_table(groups: dict[str, list[dict[str, Any]]], envs: list[str]) -> lis
 
 
 def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """``groups`` with each add-on run of :data:`POOLS` pooled with its earlier run, configuration by configuration
-    (the pooled row is named ``earlier+add-on``); refuses pools whose seeds overlap. In :data:`POOLS` order, so
-    that an earlier run can itself be a pooled row (``a+b.json`` with ``c.json`` gives ``a+b+c.json``, which
-    replaces ``a+b.json``)."""
+    """``groups`` with each add-on row (a configuration whose seeds start after seed 0: ``--first-seed``) pooled with
+    the row of the same environment and configuration that has exactly the seeds before it, configuration by
+    configuration; the pooled row (``earlier+add-on``) takes the add-on's place, the earlier run's own row stays.
+    Add-ons go in order of their first seed, so that a pooled row can be pooled again (``a+b.json``, seeds 0-9, with
+    ``c.json``, 10-29, gives ``a+b+c.json``, which replaces ``a+b.json``). Where two rows have those seeds (a run
+    that repeats another's), the one whose file name shares the longest start with the add-on's: the queue names an
+    add-on after its run (``ep_kappa0_rest`` after ``ep_kappa0``). An add-on without such a row stays as it is
+    (:func:`unpooled_add_ons`)."""
     out = dict(groups)
-    for first, extra in POOLS:
-        for key in list(out):
-            env, name, text = key.split("|")
-            if name != extra:
-                continue
-            base_key = f"{env}|{first}|{text}"
-            base = out.get(base_key)
-            if base is None:
-                continue
-            seeds = [m["seed"] for m in base + out[key]]
-            if len(set(seeds)) != len(seeds):
-                raise ValueError(f"POOLS: {first} and {extra} share seeds {sorted(seeds)}")
-            if "+" in first:
-                del out[base_key]  # a pooled row, extended
-            out[f"{env}|{first.removesuffix('.json')}+{extra}|{text}"] = base + out.pop(key)
+
+    def seeds(key: str) -> set[int]:
+        return {m["seed"] for m in out[key]}
+
+    add_ons = sorted((key for key in groups if min(seeds(key)) > 0), key=lambda key: (min(seeds(key)), key))
+    for key in add_ons:
+        env, name, text = key.split("|")
+        before = set(range(min(seeds(key))))
+        bases = [k for k in out if k.split("|")[::2] == [env, text] and seeds(k) == before]
+        if not bases:
+            continue
+        base = max(bases, key=lambda k: (len(os.path.commonprefix([k.split("|")[1], name])), k))
+        base_name = base.split("|")[1]
+        group = out.pop(base) if "+" in base_name else out[base]  # a pooled row is extended; a run's own row stays
+        out[f"{env}|{base_name.removesuffix('.json')}+{name}|{text}"] = group + out.pop(key)
     return out
 
 
 def unpooled_add_ons(groups: dict[str, list[dict[str, Any]]]) -> set[str]:
     """The files with a configuration that starts after seed 0 (``--first-seed``) and no cell in any pool: an
-    add-on whose earlier run is not done yet, or one :data:`POOLS` does not list. (A file with one pooled cell
-    counts as pooled, as E16's seeds 5-9, whose 10^-3 cells had no seeds 0-4 until E22.)"""
+    add-on whose earlier run is not done yet (:func:`pooled` found no row with the seeds before its first). (A file
+    with one pooled cell counts as pooled, as E16's seeds 5-9, whose 10^-3 cells had no seeds 0-4 until E22.)"""
     names = {key.split("|")[1] for key in groups}
     in_pools = {part.removesuffix(".json") for name in names if "+" in name for part in name.split("+")}
     return {
@@ -680,7 +576,7 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
     pooled_bases = {f"{env}|{name.split('+')[0]}.json|{text}" for env, name, text in parts if "+" in name}
     for key in groups:
         if key in pooled_bases:
-            continue  # drawn once, pooled with its add-on (POOLS)
+            continue  # drawn once, pooled with its add-on (:func:`pooled`)
         env, name, _ = key.split("|")
         if name.endswith("_lrs.json") and "+" not in name:
             continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)

@@ -7,8 +7,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hanq_repro_report.py"
 _spec = importlib.util.spec_from_file_location("hanq_repro_report", _PATH)
 assert _spec is not None and _spec.loader is not None
@@ -23,47 +21,47 @@ def members(scores: dict[int, float]) -> list[dict[str, Any]]:
     return [{"seed": seed, "average_score": score} for seed, score in scores.items()]
 
 
-def test_pooled_joins_an_add_on_run_and_refuses_shared_seeds():
-    first, extra = report.POOLS[0]
+def test_pooled_joins_an_add_on_to_the_row_with_the_seeds_before_it():
     groups = {
-        f"{ENV}|{first}|{TEXT}": members({0: 1.0, 1: 2.0}),
-        f"{ENV}|{extra}|{TEXT}": members({2: 3.0, 3: 4.0}),
-        f"{ENV}|{extra}|other configuration": members({2: 5.0}),  # no base row: left as it is
+        f"{ENV}|a.json|{TEXT}": members({0: 1.0, 1: 2.0}),
+        f"{ENV}|b.json|{TEXT}": members({2: 3.0, 3: 4.0}),
+        f"{ENV}|b.json|other configuration": members({2: 5.0}),  # no row of its configuration before it
+        f"{ENV}|gap.json|{TEXT}": members({5: 6.0}),  # seeds 2-4 missing: not pooled
+        f"Acrobot-v1|c.json|{TEXT}": members({2: 7.0}),  # another environment's: not pooled with a.json
     }
     out = report.pooled(groups)
-    key = f"{ENV}|{first.removesuffix('.json')}+{extra}|{TEXT}"
-    assert sorted(m["seed"] for m in out[key]) == [0, 1, 2, 3]
-    assert f"{ENV}|{extra}|{TEXT}" not in out and f"{ENV}|{first}|{TEXT}" in out
-    assert f"{ENV}|{extra}|other configuration" in out
-    groups[f"{ENV}|{extra}|{TEXT}"] = members({1: 3.0, 2: 4.0})
-    with pytest.raises(ValueError, match="share seeds"):
-        report.pooled(groups)
+    assert sorted(m["seed"] for m in out[f"{ENV}|a+b.json|{TEXT}"]) == [0, 1, 2, 3]
+    assert f"{ENV}|b.json|{TEXT}" not in out and f"{ENV}|a.json|{TEXT}" in out  # the earlier run's row stays
+    for alone in (f"{ENV}|b.json|other configuration", f"{ENV}|gap.json|{TEXT}", f"Acrobot-v1|c.json|{TEXT}"):
+        assert out[alone] == groups[alone]
+    assert report.unpooled_add_ons(out) == {"gap.json", "c.json"}  # b.json's other cell: b is part of a pool
 
 
-def test_pooled_chains_in_order(monkeypatch):
-    """A pooled row (``a+b.json``) can be pooled again (``a+b+c.json``), which replaces it."""
-    monkeypatch.setattr(report, "POOLS", (("a.json", "b.json"), ("a+b.json", "c.json")))
+def test_pooled_chains_in_order_of_first_seed():
+    """A pooled row (``a+b.json``) can be pooled again (``a+b+c.json``), which replaces it, whatever the order of
+    the files."""
     groups = {
-        f"{ENV}|a.json|{TEXT}": members({0: 1.0}),
-        f"{ENV}|b.json|{TEXT}": members({1: 2.0}),
         f"{ENV}|c.json|{TEXT}": members({2: 3.0, 3: 4.0}),
+        f"{ENV}|b.json|{TEXT}": members({1: 2.0}),
+        f"{ENV}|a.json|{TEXT}": members({0: 1.0}),
     }
     out = report.pooled(groups)
     assert sorted(out) == [f"{ENV}|a+b+c.json|{TEXT}", f"{ENV}|a.json|{TEXT}"]
     assert sorted(m["seed"] for m in out[f"{ENV}|a+b+c.json|{TEXT}"]) == [0, 1, 2, 3]
 
 
-def test_unpooled_add_ons_names_runs_after_seed_0_that_no_pool_took(monkeypatch):
-    monkeypatch.setattr(report, "POOLS", (("a.json", "b.json"),))
-    groups = {
-        f"{ENV}|a.json|{TEXT}": members({0: 1.0}),
-        f"{ENV}|b.json|{TEXT}": members({1: 2.0}),
-        f"{ENV}|b.json|other configuration": members({1: 2.0}),  # its base cell is missing: stays alone
-        f"{ENV}|late.json|{TEXT}": members({5: 3.0}),  # an add-on POOLS does not list
-        f"{ENV}|own.json|{TEXT}": members({0: 3.0, 5: 3.0}),  # starts at seed 0: a run of its own
-    }
-    assert report.unpooled_add_ons(groups) == {"b.json", "late.json"}
-    assert report.unpooled_add_ons(report.pooled(groups)) == {"late.json"}  # b.json's other cell: part of a pool
+def test_pooled_takes_the_add_ons_namesake_where_two_runs_have_its_seeds():
+    """Three runs with seed 0 of one configuration (repeats): ``ep_kappa0_rest`` extends ``ep_kappa0``, not the
+    other run, in either order of the files."""
+    rows = {"ep_a.json": members({0: 2.0}), "ep_kappa0.json": members({0: 1.0}), "ep_z.json": members({0: 2.0})}
+    for order in (list(rows), list(rows)[::-1]):
+        groups = {f"{ENV}|{name}|{TEXT}": rows[name] for name in order}
+        groups[f"{ENV}|ep_kappa0_rest.json|{TEXT}"] = members({1: 3.0})
+        out = report.pooled(groups)
+        assert [m["average_score"] for m in out[f"{ENV}|ep_kappa0+ep_kappa0_rest.json|{TEXT}"]] == [1.0, 3.0]
+        assert (
+            out[f"{ENV}|ep_a.json|{TEXT}"] == rows["ep_a.json"] and out[f"{ENV}|ep_z.json|{TEXT}"] == rows["ep_z.json"]
+        )
 
 
 def dqn(tau: float, lr: float, scores: dict[int, float], norm: str = "layer") -> list[dict[str, Any]]:
