@@ -627,6 +627,11 @@ ON_LANE=0 run ep_same_lrs --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3
   -params hyper_batch:same
 ON_LANE=1 run ep_state_action_lrs --algo hanq --learning-rate 1e-1 3.1623e-2 1e-2 1e-3 3.1623e-4 1e-4 --seed 1 $E \
   -params metapredictor_outputs:state_action
+# E54 (queued before E52). After E49 (seeds 0-9): Pendulum's beta in {10^-1, 10^-2} score 5-58 at 10^-2 and 10^-3,
+#     below every row's best cell (beta 10^-3 / 10^-4), which stay. After E51: Acrobot's DQN-l2N with beta = 10^-2
+#     scores 89.1 at 10^-2.5 and 31.9 at 10^-3 (0-28 below): rising to the grid's top, so 10^-2 and 10^-1.5 (10 seeds)
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_l2n_beta2_high --algo dqn --learning-rate 1e-2 3.1623e-2 --tau 1e-2 \
+  --seed 1 -params main_norm:l2
 # E52. Table 4 tuned over learning rates as the paper tunes (so far 10^-2.5 only, E6b/E11): the nine normalisation
 #     pairs (HANQ's, l2N / LN, is the first column: kappa = 0) at 10^-2, 10^-3 and 10^-3.5, one run per
 #     metapredictor normalisation (10 seeds)
