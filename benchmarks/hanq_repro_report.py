@@ -437,11 +437,12 @@ def paper_tables(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
             "|---|" + "---|---|" * len(envs),
         ]
         for key, row_envs in rows.items():
-            cells, where = [], PAPER[row_envs[0]][key][3]
+            shown: list[str] = []
             for _, paper_env, _ in envs:
                 paper = "{} [{}, {}]".format(*PAPER[paper_env][key][:3]) if paper_env in row_envs else "-"
-                cells += [ours.get((paper_env, key), "-"), paper]
-            lines.append(f"| {paper_row_name(key, where)} | " + " | ".join(cells) + " |")
+                shown += [ours.get((paper_env, key), "-"), paper]
+            name = paper_row_name(key, PAPER[row_envs[0]][key][3])
+            lines.append(f"| {name} | " + " | ".join(shown) + " |")
     return lines
 
 
@@ -492,6 +493,7 @@ def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, 
     add-on after its run (``ep_kappa0_rest`` after ``ep_kappa0``). An add-on without such a row stays as it is
     (:func:`unpooled_add_ons`)."""
     out = dict(groups)
+    place: dict[str, str] = {}  # a pooled row -> the add-on row whose position it takes
 
     def seeds(key: str) -> set[int]:
         return {m["seed"] for m in out[key]}
@@ -506,8 +508,10 @@ def pooled(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, 
         base = max(bases, key=lambda k: (len(os.path.commonprefix([k.split("|")[1], name])), k))
         base_name = base.split("|")[1]
         group = out.pop(base) if "+" in base_name else out[base]  # a pooled row is extended; a run's own row stays
-        out[f"{env}|{base_name.removesuffix('.json')}+{name}|{text}"] = group + out.pop(key)
-    return out
+        pooled_key = f"{env}|{base_name.removesuffix('.json')}+{name}|{text}"
+        out[pooled_key], place[pooled_key] = group + out.pop(key), key
+    position = {key: i for i, key in enumerate(groups)}
+    return dict(sorted(out.items(), key=lambda item: position[place.get(item[0], item[0])]))
 
 
 def unpooled_add_ons(groups: dict[str, list[dict[str, Any]]]) -> set[str]:
