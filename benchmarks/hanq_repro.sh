@@ -632,6 +632,11 @@ ON_LANE=1 run ep_state_action_lrs --algo hanq --learning-rate 1e-1 3.1623e-2 1e-
 #     scores 89.1 at 10^-2.5 and 31.9 at 10^-3 (0-28 below): rising to the grid's top, so 10^-2 and 10^-1.5 (10 seeds)
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_l2n_beta2_high --algo dqn --learning-rate 1e-2 3.1623e-2 --tau 1e-2 \
   --seed 1 -params main_norm:l2
+# E55 (queued before E52). Pendulum's beta = 10^-4 column stops at 10^-2, where DQN-LN's best cell sits (72.9 on seeds
+#     0-9) and DQN-l2N scores 75.0 (its best, beta = 10^-3 at 10^-2, 75.4): 10^-1.5 and 10^-1 with beta = 10^-4 for
+#     the three rows (10 seeds)
+ON_LANE=0 run ep_dqn_beta4_high --algo dqn --learning-rate 1e-1 3.1623e-2 --tau 1e-4 --seed 1 $E \
+  -params "main_norm:['none','layer','l2']"
 # E52. Table 4 tuned over learning rates as the paper tunes (so far 10^-2.5 only, E6b/E11): the nine normalisation
 #     pairs (HANQ's, l2N / LN, is the first column: kappa = 0) at 10^-2, 10^-3 and 10^-3.5, one run per
 #     metapredictor normalisation (10 seeds)
