@@ -637,6 +637,12 @@ ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_l2n_beta2_high --algo dqn --learning
 #     the three rows (10 seeds)
 ON_LANE=0 run ep_dqn_beta4_high --algo dqn --learning-rate 1e-1 3.1623e-2 --tau 1e-4 --seed 1 $E \
   -params "main_norm:['none','layer','l2']"
+# E56 (queued before E52). After E53 (seeds 0-9): Alg. 2's same-minibatch hypergradient peaks at 10^-2 (90.3; 87.7 at
+#     10^-1.5, 86.9 at 10^-3, 36.0 at 10^-1), above the next-minibatch default's best cell on the same seeds (87.3 at
+#     10^-1.5; 89.0 at 30 seeds): seeds 10-29 there. The per-(s, a) metapredictor scores 10.0-16.4 at every learning
+#     rate (best 10^-3): seeds 10-29 there after E52 (E57, below)
+ON_LANE=0 SEEDS=20 run ep_same_lr2_rest --algo hanq --learning-rate 1e-2 --first-seed 10 --seed 1 $E \
+  -params hyper_batch:same
 # E52. Table 4 tuned over learning rates as the paper tunes (so far 10^-2.5 only, E6b/E11): the nine normalisation
 #     pairs (HANQ's, l2N / LN, is the first column: kappa = 0) at 10^-2, 10^-3 and 10^-3.5, one run per
 #     metapredictor normalisation (10 seeds)
@@ -645,3 +651,6 @@ for meta in l2 layer none; do
     --learning-rate 1e-2 1e-3 3.1623e-4 --hyper-lr 0 --seed 1 $E \
     -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
 done
+# E57. The per-(s, a) metapredictor's best cell (10^-3, 16.4 on seeds 0-9; E53), seeds 10-29
+ON_LANE=1 SEEDS=20 run ep_state_action_lr3_rest --algo hanq --learning-rate 1e-3 --first-seed 10 --seed 1 $E \
+  -params metapredictor_outputs:state_action
