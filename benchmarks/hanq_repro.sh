@@ -654,3 +654,7 @@ done
 # E57. The per-(s, a) metapredictor's best cell (10^-3, 16.4 on seeds 0-9; E53), seeds 10-29
 ON_LANE=1 SEEDS=20 run ep_state_action_lr3_rest --algo hanq --learning-rate 1e-3 --first-seed 10 --seed 1 $E \
   -params metapredictor_outputs:state_action
+# E58. After E52's metapredictor-LN run (seeds 0-9): LN l2N and LN LN peak at 10^-3.5, the slice's end (13.4, 13.3;
+#     -4.0 ... 4.9 and -0.8 ... 7.8 above it): 10^-4 for the two (10 seeds)
+ON_LANE=1 run ep_table4_meta_layer_lr4 --algo hanq --learning-rate 1e-4 --hyper-lr 0 --seed 1 $E \
+  -params meta_norm:layer "main_norm:['l2','layer']"
