@@ -658,3 +658,9 @@ ON_LANE=1 SEEDS=20 run ep_state_action_lr3_rest --algo hanq --learning-rate 1e-3
 #     -4.0 ... 4.9 and -0.8 ... 7.8 above it): 10^-4 for the two (10 seeds)
 ON_LANE=1 run ep_table4_meta_layer_lr4 --algo hanq --learning-rate 1e-4 --hyper-lr 0 --seed 1 $E \
   -params meta_norm:layer "main_norm:['l2','layer']"
+# E59. After E52's metapredictor-l2N run and E58 (seeds 0-9): HANQ with kappa = 0 (Table 4's first column) peaks at
+#     10^-3, 77.9 (60.9 at 10^-2.5, 55.7 at 10^-3.5, 17.6 at 10^-2): seeds 10-29 there. LN LN scores 23.1 at 10^-4
+#     (13.3 at 10^-3.5): 10^-4.5 (10 seeds)
+ON_LANE=1 SEEDS=20 run ep_kappa0_lr3_rest --algo hanq --learning-rate 1e-3 --hyper-lr 0 --first-seed 10 --seed 1 $E
+ON_LANE=1 run ep_table4_ln_ln_lr45 --algo hanq --learning-rate 3.1623e-5 --hyper-lr 0 --seed 1 $E \
+  -params meta_norm:layer main_norm:layer
