@@ -106,6 +106,8 @@ ABLATIONS = (
 
 
 NORM_NAMES = {"l2": "l2N", "layer": "LN", "none": "-"}
+#: DQN's rows by the main network's normalisation, as the paper names them
+DQN_NAMES = {"none": "DQN", "layer": "DQN-LN", "l2": "DQN-l2N"}
 
 
 def ablation(h: dict[str, Any]) -> tuple[str, str] | None:
@@ -130,7 +132,7 @@ def label(h: dict[str, Any], algo: str) -> str:
     """A short name for a configuration."""
     lr = f"lr {h['learning_rate']:.2g}"
     if algo == "dqn":
-        norm = {"none": "DQN", "layer": "DQN-LN", "l2": "DQN-l2N"}[h["main_norm"]]
+        norm = DQN_NAMES[h["main_norm"]]
         kappa = f", kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()}" if h["hyper_lr"] > 0 else ""
         return f"{norm}, beta {h['tau']:g}{kappa}, {lr}"
     if algo in ("ssaq", "hssaq"):  # one scalar omega, no normalisation (Alg. 1): none of HANQ's flags apply
@@ -377,14 +379,11 @@ def default_reading(h: dict[str, Any], algo: str) -> bool:
     return all(h.get(k, old.get(k, defaults[k])) == defaults[k] for k in READINGS)
 
 
-DQN_NAMES = {"dqn-none": "DQN", "dqn-layer": "DQN-LN", "dqn-l2": "DQN-l2N"}
-
-
 def paper_row_name(key: tuple[Any, ...], where: str) -> str:
     """A :data:`PAPER` row named as the paper's table names it (Table 1's column heads, Table 2's row names, Table 4's
     (metapredictor's, main network's) normalisation pair)."""
-    if key[0] in DQN_NAMES:
-        name = DQN_NAMES[key[0]]
+    if key[0].startswith("dqn-"):
+        name = DQN_NAMES[key[0].removeprefix("dqn-")]
         if key[1] == "kappa":
             return f"{name}, best β, κ = {key[2]:g}"
         return f"{name}, {'β = 1' if key[1] == 1.0 else 'best β'}"
