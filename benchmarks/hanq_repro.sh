@@ -664,3 +664,13 @@ ON_LANE=1 run ep_table4_meta_layer_lr4 --algo hanq --learning-rate 1e-4 --hyper-
 ON_LANE=1 SEEDS=20 run ep_kappa0_lr3_rest --algo hanq --learning-rate 1e-3 --hyper-lr 0 --first-seed 10 --seed 1 $E
 ON_LANE=1 run ep_table4_ln_ln_lr45 --algo hanq --learning-rate 3.1623e-5 --hyper-lr 0 --seed 1 $E \
   -params meta_norm:layer main_norm:layer
+# --- Queue order from here (session of 2026-12-05, second) -----------------------------------------------------
+# E60. Table 4's best cells at 30 seeds, for the rows whose best cell on seeds 0-9 is inside their tuned slice (E52,
+#     E58): l2N l2N and l2N - at 10^-3 (9.5, 13.1), LN l2N at 10^-3.5 (13.4; 11.6 at 10^-4), LN - at 10^-2.5
+#     (13.0; 8.5 at 10^-2, 5.1 at 10^-3): seeds 10-29
+ON_LANE=1 SEEDS=20 run ep_table4_meta_l2_lr3_rest --algo hanq --learning-rate 1e-3 --hyper-lr 0 --first-seed 10 \
+  --seed 1 $E -params meta_norm:l2 "main_norm:['l2','none']"
+ON_LANE=0 SEEDS=20 run ep_table4_meta_layer_none_rest --algo hanq --learning-rate $LR --hyper-lr 0 --first-seed 10 \
+  --seed 1 $E -params meta_norm:layer main_norm:none
+ON_LANE=1 SEEDS=20 run ep_table4_meta_layer_l2_lr35_rest --algo hanq --learning-rate 3.1623e-4 --hyper-lr 0 \
+  --first-seed 10 --seed 1 $E -params meta_norm:layer main_norm:l2
