@@ -674,3 +674,10 @@ ON_LANE=0 SEEDS=20 run ep_table4_meta_layer_none_rest --algo hanq --learning-rat
   --seed 1 $E -params meta_norm:layer main_norm:none
 ON_LANE=1 SEEDS=20 run ep_table4_meta_layer_l2_lr35_rest --algo hanq --learning-rate 3.1623e-4 --hyper-lr 0 \
   --first-seed 10 --seed 1 $E -params meta_norm:layer main_norm:l2
+# E61. Acrobot's runs are bimodal and settled early: HANQ's alpha collapses by 10k steps (final 10^-8-10^-9) and a
+#     run frozen low stays at 0 (4 of 30 at 10^-4, 83.2); with L_SG (Table 7, 42.6 at 30 seeds against 87.8) alpha
+#     falls below 1% of its start by 14k-40k steps and 17 of 30 freeze near 0. On Pendulum Alg. 2's same-minibatch
+#     hypergradient keeps alpha alive (E56) at the same score. Does it lift Acrobot's frozen runs? Both objectives
+#     with hyper_batch "same" at 10^-2.5 (L_SG's best cell), 10^-3 and 10^-4 (L_RG's best), 10 seeds
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_same_lrs --algo hanq --learning-rate $LR 1e-3 1e-4 --hyper-objective rg sg \
+  --seed 1 -params hyper_batch:same
