@@ -681,3 +681,7 @@ ON_LANE=1 SEEDS=20 run ep_table4_meta_layer_l2_lr35_rest --algo hanq --learning-
 #     with hyper_batch "same" at 10^-2.5 (L_SG's best cell), 10^-3 and 10^-4 (L_RG's best), 10 seeds
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_same_lrs --algo hanq --learning-rate $LR 1e-3 1e-4 --hyper-objective rg sg \
   --seed 1 -params hyper_batch:same
+# E62. After E59: LN LN scores 20.7 at 10^-4.5, below 23.1 at 10^-4, which stays its best cell (inside the slice
+#     now): seeds 10-29 there
+ON_LANE=0 SEEDS=20 run ep_table4_ln_ln_lr4_rest --algo hanq --learning-rate 1e-4 --hyper-lr 0 --first-seed 10 \
+  --seed 1 $E -params meta_norm:layer main_norm:layer
