@@ -685,3 +685,8 @@ ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_same_lrs --algo hanq --learning-rate $LR
 #     now): seeds 10-29 there
 ON_LANE=0 SEEDS=20 run ep_table4_ln_ln_lr4_rest --algo hanq --learning-rate 1e-4 --hyper-lr 0 --first-seed 10 \
   --seed 1 $E -params meta_norm:layer main_norm:layer
+# E63. The beta = 10^-4 column beyond one learning rate per row. Acrobot ran it at 10^-4 only (E38: DQN 25.5,
+#     DQN-LN 27.6, DQN-l2N 18.0, where beta = 10^-3 scores 90-98): a target this slow may want larger steps, so
+#     10^-3 and 10^-2.5 (where the beta = 10^-2 cells peak) for the three rows (10 seeds)
+ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta4_lrs --algo dqn --learning-rate 1e-3 $LR --tau 1e-4 --seed 1 \
+  -params "main_norm:['none','layer','l2']"
