@@ -690,3 +690,20 @@ ON_LANE=0 SEEDS=20 run ep_table4_ln_ln_lr4_rest --algo hanq --learning-rate 1e-4
 #     10^-3 and 10^-2.5 (where the beta = 10^-2 cells peak) for the three rows (10 seeds)
 ON_LANE=1 ENV_ID=Acrobot-v1 run acrobot_dqn_beta4_lrs --algo dqn --learning-rate 1e-3 $LR --tau 1e-4 --seed 1 \
   -params "main_norm:['none','layer','l2']"
+# E64. After E52's metapredictor-none third (seeds 0-9): - l2N, - LN and - - peak at 10^-3 (32.0, 30.9, 7.9;
+#     10^-2.5: 22.9, 17.9, 5.0; 10^-3.5: 17.9, 26.3, 0.7), inside the slice: seeds 10-29 there
+ON_LANE=0 SEEDS=20 run ep_table4_meta_none_lr3_rest --algo hanq --learning-rate 1e-3 --hyper-lr 0 --first-seed 10 \
+  --seed 1 $E -params meta_norm:none "main_norm:['l2','layer','none']"
+# E65. CartPole's beta = 10^-4 column beyond one learning rate per row (E38: DQN 35.2 at 10^-3.5, DQN-LN 48.2 at
+#     10^-5, DQN-l2N 23.4 at 10^-4): each row's two neighbours (10 seeds)
+E65=(
+  "1|none|1e-3 1e-4"
+  "0|layer|3.1623e-5 3.1623e-6"
+  "1|l2|3.1623e-4 3.1623e-5"
+)
+for cell in "${E65[@]}"; do
+  IFS='|' read -r lane norm lrs <<< "$cell"
+  # shellcheck disable=SC2086  # the learning rates, split into words
+  ON_LANE=$lane ENV_ID=CartPole-v1 run "cartpole_dqn_${norm}_beta4_lrs" --algo dqn --learning-rate $lrs --tau 1e-4 \
+    --seed 1 -params "main_norm:$norm"
+done
