@@ -320,10 +320,26 @@ def tuned_rows(
     return rows
 
 
+#: The panels of the score-against-learning-rate figures (:func:`lr_panel`)
+LR_PANELS = (
+    "HANQ and its ablations (Tables 1-3, 7)",
+    "normalisations, kappa = 0 (Table 4)",
+    "DQN (Tables 1, 8; best beta per cell)",
+)
+
+
+def lr_panel(h: dict[str, Any], algo: str) -> int:
+    """The panel of :data:`LR_PANELS` that draws a configuration's row: DQN's, Table 4's (kappa = 0 HANQ with any
+    pair of normalisations, HANQ's own pair included: Table 4's first column), or HANQ's and its ablations'."""
+    if algo == "dqn":
+        return 2
+    return 1 if table4(h) is not None else 0
+
+
 def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, list[dict[str, Any]]]]]) -> bool:
     """Each row's score against the learning rate (the best cell per learning rate, :func:`best_cell`, with a 95%
-    bootstrap CI of the mean over its seeds), for the rows run at 3 learning rates or more: HANQ and its ablations
-    in one panel, DQN in the other. Returns whether there was anything to draw."""
+    bootstrap CI of the mean over its seeds), for the rows run at 3 learning rates or more, one panel per kind of
+    row (:func:`lr_panel`) that has any. Returns whether there was anything to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,9 +354,11 @@ def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, 
             curves[row] = sorted((lr, best_cell(lr_cells)[0][1]) for lr, lr_cells in by_lr.items())
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    panel = {row: lr_panel(rows[row][0][1][0]["hyperparameters"], rows[row][0][1][0]["algorithm"]) for row in curves}
+    used = sorted(set(panel.values()))
+    fig, axes = plt.subplots(1, len(used), figsize=(7 * len(used), 5), sharey=True, squeeze=False)
     for row, points in curves.items():
-        ax = axes[1] if row.startswith("DQN") else axes[0]
+        ax = axes[0][used.index(panel[row])]
         x = np.log10([lr for lr, _ in points])
         scores = [np.array([m["average_score"] for m in group]) for _, group in points]
         bands = [bootstrap_band(v[:, None]) for v in scores]
@@ -349,8 +367,10 @@ def plot_lr_sensitivity(path: Path, title: str, rows: dict[str, list[tuple[str, 
         high = [b[1][0] - m for m, b in zip(mean, bands)]
         seeds = "/".join(sorted({str(len(v)) for v in scores}, key=int))
         ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, label=f"{row} ({seeds} seeds)")
-    for ax, panel in zip(axes, ("HANQ and its ablations (Tables 1-3, 7)", "DQN (Table 1; best beta per cell)")):
-        ax.set(xlabel="log10 learning rate", ylabel="score averaged over evaluations", title=f"{title}: {panel}")
+    for ax, index in zip(axes[0], used):
+        ax.set(
+            xlabel="log10 learning rate", ylabel="score averaged over evaluations", title=f"{title}: {LR_PANELS[index]}"
+        )
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -569,7 +589,7 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
 
     Figures of tuned rows draw each row's best cell only (:func:`best_figure_keys`, the cell its table reports;
     a grid of 30-40 cells in one plot cannot be read): every other environment's main figure (Table 1's rows),
-    the ablations (with HANQ's best cell beside them; on other environments ``_ablations_best``) and DQN. The
+    the ablations (with HANQ's best cell beside them; on other environments ``_ablations_best``), Table 4 and DQN. The
     learning-rate, kappa, dataset and per-learning-rate ablation figures keep every cell: the cells are what
     they compare."""
     out: dict[str, tuple[str, list[str]]] = {}
@@ -620,7 +640,13 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         else:
             figure, title = "curves_uniform.png", "DiscretePendulum-v1, data: uniform: HANQ's readings"
         out.setdefault(figure, (title, []))[1].append(key)
-    best_only |= {"curves_ablations.png", "curves_dqn.png", "curves_uniform_ablations.png", "curves_uniform_dqn.png"}
+    best_only |= {
+        "curves_ablations.png",
+        "curves_table4.png",
+        "curves_dqn.png",
+        "curves_uniform_ablations.png",
+        "curves_uniform_dqn.png",
+    }
     for env, keys in ablations_best.items():
         figure = f"curves_{env.split('-')[0].lower()}_ablations_best.png"
         out[figure] = (f"{env}, offline: HANQ and its ablations (Tables 2, 3, 7)", keys)

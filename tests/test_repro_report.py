@@ -171,6 +171,31 @@ def test_figures_of_tuned_rows_draw_each_rows_best_cell():
     pendulum = keyed(ENV, {f"ep_{name}": group for name, group in cells.items() if name.startswith("dqn")})
     files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(pendulum)}
     assert files == {"curves_dqn.png": ["ep_dqn_beta1_lr3.json"]}
+    # Table 4's figure: one line per normalisation pair, its best cell (HANQ's own pair is the first column)
+    table4 = {
+        "ep_table4_a.json": hanq(1e-3, {0: 70.0, 1: 80.0}, hyper_lr=0.0),
+        "ep_table4_b.json": hanq(3.1623e-3, {0: 60.0, 1: 60.0}, hyper_lr=0.0),
+        "ep_table4_c.json": hanq(1e-3, {0: 5.0, 1: 5.0}, hyper_lr=0.0, meta_norm="none", main_norm="none"),
+        "ep_table4_d.json": hanq(3.1623e-3, {0: 9.0, 1: 9.0}, hyper_lr=0.0, meta_norm="none", main_norm="none"),
+    }
+    files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(keyed(ENV, table4))}
+    assert files == {"curves_table4.png": ["ep_table4_a.json", "ep_table4_d.json"]}
+
+
+def test_lr_sensitivity_panels_put_each_row_with_its_table():
+    """Score-against-learning-rate figures: DQN's rows (Tables 1 and 8) in one panel, Table 4's kappa = 0 pairs
+    (HANQ's own pair, its first column, among them) in another, HANQ and its ablations (at kappa = 0.1, where
+    w/o LN and w/o l2N are ablations, not Table 4's pairs) in the first."""
+
+    def panel(group: list[dict[str, Any]]) -> int:
+        return report.lr_panel(group[0]["hyperparameters"], group[0]["algorithm"])
+
+    assert panel(dqn(1e-3, 1e-3, {0: 1.0})) == panel(dqn(1.0, 1e-3, {0: 1.0}, norm="l2")) == 2
+    assert panel(hanq(1e-3, {0: 1.0}, hyper_lr=0.0)) == 1
+    assert panel(hanq(1e-3, {0: 1.0}, hyper_lr=0.0, meta_norm="layer", main_norm="none")) == 1
+    assert panel(hanq(1e-3, {0: 1.0})) == panel(hanq(1e-3, {0: 1.0}, main_norm="none")) == 0
+    assert panel(hanq(1e-3, {0: 1.0}, hyper_lr=0.0, predictor="none")) == 0  # kappa = 0 ablation: not a pair
+    assert len(report.LR_PANELS) == 3
 
 
 def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
