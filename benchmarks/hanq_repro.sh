@@ -697,9 +697,9 @@ ON_LANE=0 SEEDS=20 run ep_table4_meta_none_lr3_rest --algo hanq --learning-rate 
 # E65. CartPole's beta = 10^-4 column beyond one learning rate per row (E38: DQN 35.2 at 10^-3.5, DQN-LN 48.2 at
 #     10^-5, DQN-l2N 23.4 at 10^-4): each row's two neighbours (10 seeds)
 E65=(
-  "1|none|1e-3 1e-4"
+  "0|none|1e-3 1e-4"
   "0|layer|3.1623e-5 3.1623e-6"
-  "1|l2|3.1623e-4 3.1623e-5"
+  "0|l2|3.1623e-4 3.1623e-5"
 )
 for cell in "${E65[@]}"; do
   IFS='|' read -r lane norm lrs <<< "$cell"
