@@ -707,3 +707,10 @@ for cell in "${E65[@]}"; do
   ON_LANE=$lane ENV_ID=CartPole-v1 run "cartpole_dqn_${norm}_beta4_lrs" --algo dqn --learning-rate $lrs --tau 1e-4 \
     --seed 1 -params "main_norm:$norm"
 done
+# E66. After E65 (seeds 0-9): CartPole's DQN with beta = 10^-4 scores 44.1 at 10^-4 (19.3 at 10^-3, 35.2 at 10^-3.5),
+#     above the row's best cell so far (beta = 10^-3 at 10^-3.5, 43.5; 43.2 at 30 seeds) and at the end of its slice:
+#     10^-4.5 (10 seeds), and seeds 10-29 at 10^-4
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_none_beta4_lr45 --algo dqn --learning-rate 3.1623e-5 --tau 1e-4 \
+  --seed 1 -params main_norm:none
+ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_none_beta4_lr4_rest --algo dqn --learning-rate 1e-4 \
+  --tau 1e-4 --first-seed 10 --seed 1 -params main_norm:none
