@@ -714,3 +714,7 @@ ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_none_beta4_lr45 --algo dqn --learn
   --seed 1 -params main_norm:none
 ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_none_beta4_lr4_rest --algo dqn --learning-rate 1e-4 \
   --tau 1e-4 --first-seed 10 --seed 1 -params main_norm:none
+# E67. After E65: CartPole's DQN-l2N with beta = 10^-4 rises to the slice's end (17.0 / 23.4 / 37.0 at 10^-3.5 /
+#     10^-4 / 10^-4.5), below the row's best cell (41.9 on seeds 0-9): 10^-5 (10 seeds)
+ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_l2_beta4_lr5 --algo dqn --learning-rate 1e-5 --tau 1e-4 --seed 1 \
+  -params main_norm:l2
