@@ -718,3 +718,9 @@ ON_LANE=0 ENV_ID=CartPole-v1 SEEDS=20 run cartpole_dqn_none_beta4_lr4_rest --alg
 #     10^-4 / 10^-4.5), below the row's best cell (41.9 on seeds 0-9): 10^-5 (10 seeds)
 ON_LANE=0 ENV_ID=CartPole-v1 run cartpole_dqn_l2_beta4_lr5 --algo dqn --learning-rate 1e-5 --tau 1e-4 --seed 1 \
   -params main_norm:l2
+# E68. Table 4's grid end 10^-4 (§11's grid) for the pairs without an LN metapredictor (their best cells at
+#     10^-3, each lower at 10^-3.5; the LN-metapredictor pairs ran it in E58), 10 seeds
+for meta in l2 none; do
+  ON_LANE=$([ $meta = l2 ] && echo 0 || echo 1) run "ep_table4_meta_${meta}_lr4" --algo hanq --learning-rate 1e-4 \
+    --hyper-lr 0 --seed 1 $E -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
+done
