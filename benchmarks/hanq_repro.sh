@@ -724,3 +724,10 @@ for meta in l2 none; do
   ON_LANE=$([ $meta = l2 ] && echo 0 || echo 1) run "ep_table4_meta_${meta}_lr4" --algo hanq --learning-rate 1e-4 \
     --hyper-lr 0 --seed 1 $E -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
 done
+# --- Queue order from here (session of 2026-12-05, fourth) ------------------------------------------------------
+# E69. Table 4's upper grid end (§11's grid starts at 10^-1): every pair at 10^-1.5 and 10^-1 (each scores less at
+#     10^-2 than at its best cell, so no best cell is expected to move; this completes the grid), 10 seeds
+for meta in l2 layer none; do
+  ON_LANE=$([ $meta = layer ] && echo 1 || echo 0) run "ep_table4_meta_${meta}_lr1" --algo hanq \
+    --learning-rate 1e-1 3.1623e-2 --hyper-lr 0 --seed 1 $E -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
+done
