@@ -146,6 +146,7 @@ def label(h: dict[str, Any], algo: str) -> str:
         return f"{algo.upper()} {head}, kappa 0{pair}, {lr}"
     batch = h.get("hyper_batch", "next")
     step = ", alpha linear" if h.get("lr_parameterization") == "linear" else ""  # kappa as an absolute step
+    step += ", betas tuned" if h.get("tune_betas") else ""  # Adam via Adam: beta1 and beta2 hyperoptimised too
     return f"{algo.upper()} {head}, kappa {h['hyper_lr']:g} {h['hyper_objective'].upper()} {batch}-batch{step}, {lr}"
 
 
@@ -386,7 +387,7 @@ PAPER_ENVS = (
 )
 
 #: The settings that tell HANQ's readings of the paper apart (issue #14); the paper's tables compare the default's
-READINGS = ("metapredictor_outputs", "hyper_batch", "lr_parameterization")
+READINGS = ("metapredictor_outputs", "hyper_batch", "lr_parameterization", "tune_betas")
 
 
 def default_reading(h: dict[str, Any], algo: str) -> bool:

@@ -234,8 +234,11 @@ def test_ssaq_is_alg1():
     assert SSAQ("MlpPolicy", ENV, hyper_lr=1e-4).policy.optimizer.param_groups[0]["hyper_lr"] == 1e-4  # HSSAQ
 
 
-def test_save_load_round_trip_and_training_continues(tmp_path):
-    model = HANQ("MlpPolicy", ENV, learning_starts=50, seed=4)
+@pytest.mark.parametrize("tune_betas", [False, True])
+def test_save_load_round_trip_and_training_continues(tmp_path, tune_betas):
+    """Through SB3's save/load the hyper-optimiser's state (and, with tune_betas, Adam's learned betas) survives."""
+    kwargs = dict(policy_kwargs=dict(optimizer_kwargs=dict(tune_betas=True))) if tune_betas else {}
+    model = HANQ("MlpPolicy", ENV, learning_starts=50, seed=4, **kwargs)
     model.learn(300)
     batch = _fixed_batch(model)
     _use_batch(model, batch)
@@ -250,13 +253,15 @@ def test_save_load_round_trip_and_training_continues(tmp_path):
         assert th.equal(model.q_net(th.as_tensor(obs)), loaded.q_net(th.as_tensor(obs)))
     assert loaded.current_learning_rate == lr
     g0, g1 = model.policy.optimizer.param_groups[0], loaded.policy.optimizer.param_groups[0]
-    for key in ("log_lr_scale", "hyper_exp_avg", "hyper_exp_avg_sq", "hyper_step", "base_lr"):
+    for key in ("log_lr_scale", "hyper_exp_avg", "hyper_exp_avg_sq", "hyper_step", "base_lr", "betas", "tune_betas"):
         assert g0[key] == g1[key]
+    assert (g0["betas"] != (0.9, 0.999)) == tune_betas
     # both continue on the same batches and stay identical: optimiser and hyper-optimiser state survived
     _use_batch(loaded, batch)
     model.train(5, 16)
     loaded.train(5, 16)
     assert loaded.current_learning_rate == model.current_learning_rate != lr
+    assert loaded.policy.optimizer.param_groups[0]["betas"] == model.policy.optimizer.param_groups[0]["betas"]
     for p, q in zip(model.q_net.parameters(), loaded.q_net.parameters()):
         assert th.equal(p, q)
     loaded.learn(100)  # and online learning resumes

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch as th
 
-from sb3_hanq.common.optimizers import HyperAdam
+from sb3_hanq.common.optimizers import HyperAdam, adam_step_with_beta_derivatives
 
 
 def _regression_problem(dtype=th.float32, seed=0):
@@ -20,6 +20,13 @@ def _regression_problem(dtype=th.float32, seed=0):
 
 def _loss(net, x, y):
     return ((net(x) - y) ** 2).mean()
+
+
+def _steps(net, opt, x, y, n=5):
+    for _ in range(n):
+        opt.zero_grad()
+        _loss(net, x, y).backward()
+        opt.step()
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -43,10 +50,7 @@ def test_hypergradient_matches_finite_differences(parameterization):
     """dL(theta_i)/dalpha along theta_i = theta_{i-1} - alpha u_{i-1} (Eq. 7), by central differences."""
     net, x, y = _regression_problem(dtype=th.float64)
     opt = HyperAdam(net.parameters(), lr=1e-2, hyper_lr=1e-3, lr_parameterization=parameterization)
-    for _ in range(5):
-        opt.zero_grad()
-        _loss(net, x, y).backward()
-        opt.step()
+    _steps(net, opt, x, y)
     alpha = opt.param_groups[0]["lr"]  # the alpha used for the last step
     params = list(net.parameters())
     u_prev = [opt.state[p]["prev_update"].clone() for p in params]
@@ -137,23 +141,23 @@ def test_schedule_writes_combine_with_adapted_alpha():
     assert group["lr"] == pytest.approx(5e-4 * math.exp(group["log_lr_scale"]))
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("tune_betas", [False, True])
+def test_state_dict_round_trip_continues_identically(tune_betas):
     net, x, y = _regression_problem()
-    opt = HyperAdam(net.parameters(), lr=1e-2, hyper_lr=0.1)
-    for _ in range(5):
-        opt.zero_grad()
-        _loss(net, x, y).backward()
-        opt.step()
+    opt = HyperAdam(net.parameters(), lr=1e-2, hyper_lr=0.1, tune_betas=tune_betas)
+    _steps(net, opt, x, y)
     clone = copy.deepcopy(net)
-    opt_clone = HyperAdam(clone.parameters(), lr=1.0)
+    opt_clone = HyperAdam(clone.parameters(), lr=1.0, tune_betas=tune_betas)
     opt_clone.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a save/load through a file would
     assert opt_clone.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != 1e-2
+    assert (opt_clone.param_groups[0]["betas"] == opt.param_groups[0]["betas"] != (0.9, 0.999)) == tune_betas
     for model, optimizer in ((net, opt), (clone, opt_clone)):
         for _ in range(5):
             optimizer.zero_grad()
             _loss(model, x, y).backward()
             optimizer.step()
     assert opt_clone.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert opt_clone.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
     for p, q in zip(net.parameters(), clone.parameters()):
         assert th.equal(p, q)
 
@@ -183,3 +187,92 @@ def test_runaway_learning_rate_is_a_clear_error():
             param.grad = th.ones(3)
             optimizer.step()
     assert th.isfinite(param).all()
+
+
+def _naive_adam_direction(m_prev, v_prev, grad, step, beta1, beta2, eps=1e-8):
+    """Adam's u from the moments before the step, written out (differentiable in the betas)."""
+    m = beta1 * m_prev + (1 - beta1) * grad
+    v = beta2 * v_prev + (1 - beta2) * grad * grad
+    return (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+
+
+@pytest.mark.parametrize("step", [1, 2, 30])
+@pytest.mark.parametrize("per_member", [False, True])
+def test_adam_beta_derivatives_match_autograd(step, per_member):
+    """du/dbeta1 and du/dbeta2 (tune_betas) against autograd through the written-out Adam step, for float betas and
+    for one pair per population member (a leading member dimension); at step 1 both are exactly 0 (u = g / |g|)."""
+    gen = th.Generator().manual_seed(step)
+    shape = (3, 4, 5)
+    grad = th.randn(shape, generator=gen, dtype=th.float64)
+    m_prev = th.zeros(shape, dtype=th.float64) if step == 1 else th.randn(shape, generator=gen, dtype=th.float64)
+    v_prev = th.zeros(shape, dtype=th.float64) if step == 1 else th.rand(shape, generator=gen, dtype=th.float64)
+    if per_member:
+        beta1 = th.tensor([0.8, 0.9, 0.95], dtype=th.float64).view(-1, 1, 1)
+        beta2 = th.tensor([0.99, 0.999, 0.9], dtype=th.float64).view(-1, 1, 1)
+    else:
+        beta1, beta2 = th.full((1, 1, 1), 0.85, dtype=th.float64), th.full((1, 1, 1), 0.995, dtype=th.float64)
+    # u is elementwise in the betas: with one beta per entry, the gradient of sum(u) is each entry's derivative
+    b1, b2 = (b.expand(shape).clone().requires_grad_(True) for b in (beta1, beta2))
+    reference = _naive_adam_direction(m_prev, v_prev, grad, step, b1, b2)
+    jac1, jac2 = th.autograd.grad(reference.sum(), (b1, b2))
+    m, v = m_prev.clone(), v_prev.clone()
+    betas = (beta1, beta2) if per_member else (0.85, 0.995)
+    update, d_beta1, d_beta2 = adam_step_with_beta_derivatives(m, v, grad, step, *betas, eps=1e-8)
+    assert th.allclose(update, reference.detach(), rtol=1e-12, atol=0)
+    assert th.allclose(d_beta1, jac1, rtol=1e-7, atol=1e-10)
+    assert th.allclose(d_beta2, jac2, rtol=1e-7, atol=1e-10)
+    if step == 1:
+        assert th.equal(d_beta1, th.zeros_like(d_beta1)) and th.equal(d_beta2, th.zeros_like(d_beta2))
+    # the moments were updated in place, as Adam's
+    assert th.allclose(m, beta1 * m_prev + (1 - beta1) * grad) and th.allclose(
+        v, beta2 * v_prev + (1 - beta2) * grad**2
+    )
+
+
+def test_beta_hypergradients_match_finite_differences():
+    """tune_betas: dL(theta_i)/dbeta along theta_i = theta_{i-1} - alpha u_{i-1}(beta1, beta2), by central differences
+    of the loss at the weights the last step would have reached with each beta moved."""
+    net, x, y = _regression_problem(dtype=th.float64)
+    opt = HyperAdam(net.parameters(), lr=1e-2, hyper_lr=1e-2, tune_betas=True)
+    _steps(net, opt, x, y)
+    params = list(net.parameters())
+    theta = [p.detach().clone() for p in params]
+    moments = [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in params]
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    grads = [p.grad.clone() for p in params]
+    opt.step()  # step 6: alpha and the betas take their hyper-step, then theta moves with them
+    group = opt.param_groups[0]
+    alpha, (beta1, beta2), step = group["lr"], group["betas"], opt.state[params[0]]["step"]
+    assert (beta1, beta2) != (0.9, 0.999)
+
+    def loss_at(b1, b2):
+        probe = copy.deepcopy(net)
+        with th.no_grad():
+            for p, t0, (m, v), g in zip(probe.parameters(), theta, moments, grads):
+                p.copy_(t0 - alpha * _naive_adam_direction(m, v, g, step, b1, b2))
+        return _loss(probe, x, y).item()
+
+    h = 1e-6
+    fd = [
+        (loss_at(beta1 + h, beta2) - loss_at(beta1 - h, beta2)) / (2 * h),
+        (loss_at(beta1, beta2 + h) - loss_at(beta1, beta2 - h)) / (2 * h),
+    ]
+    assert loss_at(beta1, beta2) == pytest.approx(_loss(net, x, y).item(), rel=1e-12)  # the reference is that step
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    opt.step()
+    assert group["beta_hypergradients"] == pytest.approx(fd, rel=1e-4, abs=1e-10)
+    assert all(abs(g) > 1e-8 for g in fd)  # (a real test: the derivatives are not 0)
+
+
+def test_tune_betas_bad_arguments():
+    param = th.nn.Parameter(th.zeros(2))
+    with pytest.raises(TypeError, match="tune_betas"):
+        HyperAdam([param], tune_betas="yes")
+    with pytest.raises(ValueError, match="betas"):
+        HyperAdam([param], tune_betas=True, betas=(0.0, 0.999))
+    optimizer = HyperAdam([param], hyper_lr=0.1, tune_betas=True)
+    param.grad = th.ones(2)
+    with pytest.raises(ValueError, match="hyper_grads"):
+        optimizer.step(hyper_correction=0.0)

@@ -89,6 +89,9 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
         assert th.allclose(value, reference, rtol=1e-4, atol=2e-5), (name, (value - reference).abs().max())
     if lr is not None:
         assert group.learning_rates[position].item() == pytest.approx(lr, rel=1e-5)
+        # Adam's betas: moved by the hypergradient under tune_betas, 0.9 / 0.999 otherwise, in both
+        betas = model.policy.optimizer.param_groups[0]["betas"]
+        assert group.betas[position].tolist() == pytest.approx(list(betas), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +122,18 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
             dict(hyper_lr=0.01, hyper_batch="same", hyper_objective="sg"),  # (0.1 takes alpha to 0.07: chaotic)
             "hanq",
             dict(hyper_lr=[0.01], hyper_objective=["sg", "rg"], params=dict(hyper_batch="same")),
+        ),
+        (
+            HANQ,
+            dict(hyper_lr=0.1, policy_kwargs=dict(optimizer_kwargs=dict(tune_betas=True))),
+            "hanq",
+            dict(hyper_objective=["rg", "sg"], params=dict(tune_betas=True)),
+        ),
+        (
+            HANQ,
+            dict(hyper_lr=0.01, hyper_batch="same", policy_kwargs=dict(optimizer_kwargs=dict(tune_betas=True))),
+            "hanq",
+            dict(hyper_lr=[0.01], hyper_objective=["rg", "sg"], params=dict(hyper_batch="same", tune_betas=True)),
         ),
         (SSAQ, dict(), "ssaq", dict(learning_rate=[3e-3, 1e-2])),
         (SSAQ, dict(hyper_lr=1e-2), "hssaq", dict(hyper_lr=[1e-2, 0.0])),
@@ -486,3 +501,54 @@ def test_pendulum_start_is_part_of_the_run(tmp_path):
     assert train_population("dqn", ENV, [0], pendulum_start="uniform", **kwargs)["members"] == saved["members"]
     with pytest.raises(ValueError, match="pendulum_start"):
         PopulationTrainer(ENV, make_members("dqn", [0]), n_samples=50, device="cpu", pendulum_start="full")
+
+
+def test_tune_betas_state_resumes_exactly_and_is_recorded(dataset, tmp_path):
+    """A tune_betas trainer's state (betas, their hyper-moments and last derivatives) carries a run across a
+    checkpoint: stopped after 10 steps and loaded into a fresh trainer, it continues as the uninterrupted one; the
+    results file records each member's betas at every evaluation, moved from Adam's (0.9, 0.999)."""
+    members = make_members("hanq", [0], hyper_objective=["rg", "sg"], params=dict(tune_betas=True))
+
+    def trainer():
+        return PopulationTrainer(ENV, members, batch_size=BATCH, datasets={0: dataset}, device="cpu")
+
+    uninterrupted, first = trainer(), trainer()
+    uninterrupted.train_steps(20)
+    first.train_steps(10)
+    resumed = trainer()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    resumed.train_steps(10)
+    for a, b in zip(uninterrupted.groups, resumed.groups):
+        assert th.equal(a.betas, b.betas) and th.equal(a.learning_rates, b.learning_rates)
+        assert all(th.equal(p, q) for p, q in zip(a.params, b.params))
+    assert not th.allclose(uninterrupted.groups[0].betas, th.tensor([0.9, 0.999], dtype=th.float64))
+
+    run = dict(RUN, hyper_objective=["rg"], params=dict(tune_betas=True))
+    data = train_population(**run, device="cpu", out=tmp_path / "betas.json", verbose=0)
+    for member in data["members"]:
+        assert len(member["beta1"]) == len(member["beta2"]) == len(member["eval_steps"]) == 2
+        assert all(0 < b < 1 for b in member["beta1"] + member["beta2"]) and member["beta1"][-1] != 0.9
+    plain = train_population(**RUN, device="cpu", out=tmp_path / "plain.json", verbose=0)
+    assert "beta1" not in plain["members"][0]  # (files of runs without the option keep their format)
+
+
+def test_run_recorded_before_tune_betas_existed_is_still_complete(tmp_path, monkeypatch):
+    """A results file written before ``tune_betas`` existed (its settings lack the key) is the same run as today's
+    default (tune_betas=False): asked again, it is returned, not refused as a run with different arguments."""
+    import sb3_hanq.population.trainer as trainer_module
+
+    defaults = trainer_module.param_defaults
+
+    def old_defaults(algo):
+        settings = defaults(algo)
+        settings.pop("tune_betas")
+        return settings
+
+    out = tmp_path / "old.json"
+    monkeypatch.setattr(trainer_module, "param_defaults", old_defaults)
+    saved = train_population(**RUN, device="cpu", out=out, verbose=0)
+    assert "tune_betas" not in saved["members"][0]["hyperparameters"]
+    monkeypatch.setattr(trainer_module, "param_defaults", defaults)
+    assert train_population(**RUN, device="cpu", out=out, verbose=0) == saved
+    with pytest.raises(ValueError, match="member_params"):  # while the option itself still tells runs apart
+        train_population(**RUN, params=dict(tune_betas=True), device="cpu", out=out, verbose=0)

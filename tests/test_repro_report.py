@@ -199,9 +199,9 @@ def test_lr_sensitivity_panels_put_each_row_with_its_table():
 
 
 def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
-    """One line per row the paper reports: the best cell of the package's reading (an "alpha linear" reading that
-    scores higher is another reading, not HANQ's row), its seeds and cell, a check mark only inside the paper's CI,
-    and columns only for the environments the paper puts in that table."""
+    """One line per row the paper reports: the best cell of the package's reading (an "alpha linear" or "betas
+    tuned" reading that scores higher is another reading, not HANQ's row), its seeds and cell, a check mark only
+    inside the paper's CI, and columns only for the environments the paper puts in that table."""
     groups = {
         **keyed(
             ENV,
@@ -209,6 +209,7 @@ def test_paper_tables_report_each_rows_best_cell_under_the_default_reading():
                 "hanq_lr3.json": hanq(1e-3, {0: 90.0, 1: 100.0}),  # mean 95.0, below the paper's [98.0, 102.2]
                 "hanq_lr2.json": hanq(1e-2, {0: 50.0, 1: 60.0}),
                 "linear.json": hanq(1e-2, {0: 101.0, 1: 101.0}, lr_parameterization="linear"),
+                "betas.json": hanq(1e-2, {0: 102.0, 1: 102.0}, tune_betas=True),  # Adam via Adam: another reading
             },
         ),
         **keyed(

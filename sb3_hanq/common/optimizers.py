@@ -79,6 +79,85 @@ def learning_rate(
     return offset_lr.clamp_min(min_lr) if isinstance(offset_lr, th.Tensor) else max(offset_lr, min_lr)
 
 
+def adam_delta(
+    grad: Scalar,
+    exp_avg: Scalar,
+    exp_avg_sq: Scalar,
+    step: int,
+    step_size: Scalar,
+    betas: tuple[float, float],
+    eps: float,
+) -> tuple[Scalar, Scalar, Scalar]:
+    """One Adam step on a scalar (float, or a tensor of independent scalars): ``(delta, exp_avg, exp_avg_sq)``,
+    the parameter moving by ``-delta``. The hyper-optimiser's arithmetic, for alpha and (``tune_betas``) Adam's betas.
+
+    :param step: the step count *after* this step (1 on the first), for the bias corrections
+    """
+    beta1, beta2 = betas
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    m_hat = exp_avg / (1 - beta1**step)
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    return step_size * m_hat / (v_hat**0.5 + eps), exp_avg, exp_avg_sq
+
+
+def beta_from_logit(logit: Scalar) -> Scalar:
+    """Adam's beta from the unconstrained value the hyper-optimiser moves: ``(tanh(x) + 1) / 2``, in (0, 1)
+    (Chandra et al. 2019, whose hyperoptimisable Adam clamps its betas this way)."""
+    return (th.tanh(logit) + 1) / 2 if isinstance(logit, th.Tensor) else (math.tanh(logit) + 1) / 2
+
+
+def beta_logit(beta: Scalar) -> Scalar:
+    """The inverse of :func:`beta_from_logit`: ``atanh(2 beta - 1)``, for ``0 < beta < 1``."""
+    return th.atanh(2 * beta - 1) if isinstance(beta, th.Tensor) else math.atanh(2 * beta - 1)
+
+
+def adam_step_with_beta_derivatives(
+    exp_avg: th.Tensor, exp_avg_sq: th.Tensor, grad: th.Tensor, step: int, beta1: Scalar, beta2: Scalar, eps: float
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """Adam's moment update (in place) and its direction ``u = m_hat / (sqrt(v_hat) + eps)``, with ``du/dbeta1`` and
+    ``du/dbeta2``: what hyperoptimising "Adam via Adam" (HANQ paper §11, after Chandra et al. 2019) differentiates
+    for the betas, as Eq. (7) does for alpha (``theta_i = theta_{i-1} - alpha u_{i-1}``, so
+    ``dtheta_i/dbeta = -alpha du_{i-1}/dbeta``). As in Chandra et al., the previous moments are constants: the
+    derivatives go through this step's moment update and bias corrections only.
+
+    With ``m = beta m' + (1 - beta) g`` and ``m_hat = m / (1 - beta^t)``,
+    ``dm_hat/dbeta = (A m' - B g) / (1 - beta^t)^2``, ``A = 1 + (t - 1) beta^t``, ``B = A - t beta^(t-1)``
+    (the same for ``v`` with ``g^2``). The textbook form, ``(m' - g) / (1 - beta^t) + m t beta^(t-1) / (1 - beta^t)^2``,
+    cancels two large terms (at t = 1 it is exactly 0 as a difference of two ``g / (1 - beta)``), and its rounding
+    noise would set the hyper-step's sign; so A, B and the bias corrections are computed in float64.
+
+    ``beta1``/``beta2`` are floats or tensors broadcasting against ``grad`` (one per population member).
+    :return: ``(u, du/dbeta1, du/dbeta2)``
+    """
+
+    def coefficients(beta: Scalar) -> tuple[Scalar, Scalar, Scalar]:  # 1 - beta^t, A / bc^2, B / bc^2 (float64)
+        if isinstance(beta, th.Tensor):
+            beta = beta.double()
+        bc = 1 - beta**step
+        a = 1 + (step - 1) * beta**step
+        b = a - step * beta ** (step - 1)
+        out = (bc, a / bc**2, b / bc**2)
+        return tuple(x.to(grad.dtype) if isinstance(x, th.Tensor) else x for x in out)  # type: ignore[return-value]
+
+    bc1, a1, b1 = coefficients(beta1)
+    bc2, a2, b2 = coefficients(beta2)
+    dm_hat = a1 * exp_avg - b1 * grad  # from the moments before this step's update
+    dv_hat = a2 * exp_avg_sq - b2 * grad * grad
+    beta1 = beta1.to(grad.dtype) if isinstance(beta1, th.Tensor) else beta1
+    beta2 = beta2.to(grad.dtype) if isinstance(beta2, th.Tensor) else beta2
+    exp_avg.mul_(beta1).add_((1 - beta1) * grad)
+    exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
+    m_hat, v_hat = exp_avg / bc1, exp_avg_sq / bc2
+    root = v_hat.sqrt()
+    denom = root + eps
+    update = m_hat / denom
+    d_beta1 = dm_hat / denom
+    # d sqrt(v_hat) = dv_hat / (2 sqrt(v_hat)); where v_hat = 0 (a gradient that was always 0) m_hat is 0 too
+    d_beta2 = th.where(root > 0, -update / denom * dv_hat / (2 * root.clamp_min(1e-30)), 0.0)
+    return update, d_beta1, d_beta2
+
+
 def hyper_adam_update(
     hypergrad: Scalar,
     lr: Scalar,
@@ -104,13 +183,8 @@ def hyper_adam_update(
     :param step: the hyper-step count *after* this step (1 on the first), for the bias corrections
     :return: the new ``(log_lr_scale, lr_offset, exp_avg, exp_avg_sq)``
     """
-    beta1, beta2 = hyper_betas
     grad = hypergrad * lr if lr_parameterization == "log" else hypergrad
-    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    m_hat = exp_avg / (1 - beta1**step)
-    v_hat = exp_avg_sq / (1 - beta2**step)
-    delta = hyper_lr * m_hat / (v_hat**0.5 + hyper_eps)
+    delta, exp_avg, exp_avg_sq = adam_delta(grad, exp_avg, exp_avg_sq, step, hyper_lr, hyper_betas, hyper_eps)
     if lr_parameterization == "log":
         return log_lr_scale - delta, lr_offset, exp_avg, exp_avg_sq
     # keep alpha >= min_lr: the offset cannot go below what that allows
@@ -157,8 +231,16 @@ class HyperAdam(Optimizer):
     :param hyper_lr: hyper-learning rate kappa (0 disables adaptation: plain Adam)
     :param hyper_betas: Adam coefficients of the hyper-optimiser
     :param hyper_eps: Adam epsilon of the hyper-optimiser
+    **Which hyperparameters** (``tune_betas``). §3.3 and §12 derive the hypergradient for alpha only, while §11
+    says "we hyperoptimize Adam via Adam (Chandra et al., 2019)", whose hyperoptimisable Adam also learns beta1 and
+    beta2. ``tune_betas=True`` is that reading: each beta takes a hyper-Adam step of size ``hyper_lr`` on
+    ``atanh(2 beta - 1)`` along ``dL~(theta_i)/dbeta = grad L~(theta_i) . (-alpha du_{i-1}/dbeta)``
+    (:func:`adam_step_with_beta_derivatives`). ``param_groups[g]["betas"]`` reads the betas in use. With it,
+    ``step(hyper_correction=...)`` is refused: pass the hyperobjective's whole gradient as ``hyper_grads``.
+
     :param lr_parameterization: ``"log"`` (default) or ``"linear"``, see above
     :param min_lr: lower bound on alpha for ``"linear"``
+    :param tune_betas: also hyperoptimise Adam's betas (see above; needs ``hyper_lr > 0`` to have an effect)
     """
 
     def __init__(
@@ -173,6 +255,7 @@ class HyperAdam(Optimizer):
         hyper_eps: float = 1e-8,
         lr_parameterization: str = "log",
         min_lr: float = 1e-8,
+        tune_betas: bool = False,
     ) -> None:
         # lr = 0 is allowed: SB3's BasePolicy.load rebuilds a saved policy with a learning rate of 0
         if not (isinstance(lr, (int, float)) and lr >= 0):
@@ -190,6 +273,10 @@ class HyperAdam(Optimizer):
             )
         if min_lr <= 0:
             raise ValueError(f"Invalid min_lr={min_lr!r}: must be > 0")
+        if not isinstance(tune_betas, bool):
+            raise TypeError(f"Invalid tune_betas={tune_betas!r}: expected a bool")
+        if tune_betas and not all(0.0 < x for x in betas):
+            raise ValueError(f"Invalid betas={betas!r} with tune_betas=True: each must be in (0, 1)")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -200,6 +287,7 @@ class HyperAdam(Optimizer):
             hyper_eps=hyper_eps,
             lr_parameterization=lr_parameterization,
             min_lr=min_lr,
+            tune_betas=tune_betas,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -216,6 +304,12 @@ class HyperAdam(Optimizer):
         group.setdefault("hyper_exp_avg", 0.0)
         group.setdefault("hyper_exp_avg_sq", 0.0)
         group.setdefault("hypergradient", 0.0)  # last dL~/dalpha, for logging and tests
+        group.setdefault("tune_betas", False)  # (state dicts written before the option existed)
+        if group["tune_betas"]:  # the betas' hyper-state: [beta1's, beta2's]
+            group.setdefault("beta_logits", [float(beta_logit(b)) for b in group["betas"]])
+            group.setdefault("hyper_beta_exp_avg", [0.0, 0.0])
+            group.setdefault("hyper_beta_exp_avg_sq", [0.0, 0.0])
+            group.setdefault("beta_hypergradients", [0.0, 0.0])  # last dL~/dbeta, for logging and tests
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -265,6 +359,25 @@ class HyperAdam(Optimizer):
             )
         return lr
 
+    @staticmethod
+    def _beta_hyper_step(group: dict[str, Any], hypergrads: list[float]) -> None:
+        """One hyper-Adam step on each beta's logit (``tune_betas``), after :meth:`_hyper_step` counted the step."""
+        for k, hypergrad in enumerate(hypergrads):
+            beta = beta_from_logit(group["beta_logits"][k])
+            # dL~/dlogit = dL~/dbeta * dbeta/dlogit, dbeta/dlogit = 2 beta (1 - beta)
+            delta, group["hyper_beta_exp_avg"][k], group["hyper_beta_exp_avg_sq"][k] = adam_delta(
+                hypergrad * 2 * beta * (1 - beta),
+                group["hyper_beta_exp_avg"][k],
+                group["hyper_beta_exp_avg_sq"][k],
+                group["hyper_step"],
+                group["hyper_lr"],
+                group["hyper_betas"],
+                group["hyper_eps"],
+            )
+            group["beta_logits"][k] -= delta
+            group["beta_hypergradients"][k] = hypergrad
+        group["betas"] = tuple(float(beta_from_logit(x)) for x in group["beta_logits"])
+
     def previous_updates(self) -> list[th.Tensor] | None:
         """u_{i-1}, the last Adam directions (one per parameter of the first group), or ``None`` before the
         first step with ``hyper_lr > 0``: the direction along which Eq. (7) differentiates."""
@@ -299,10 +412,14 @@ class HyperAdam(Optimizer):
             )
         if hyper_correction is not None and len(self.param_groups) != 1:
             raise ValueError("hyper_correction needs a single param group")
+        if hyper_correction is not None and any(g["tune_betas"] for g in self.param_groups):
+            raise ValueError(
+                "tune_betas=True needs the hyperobjective's whole gradient as hyper_grads, not hyper_correction"
+            )
         index = 0
         for group in self.param_groups:
             lr = self._current_lr(group)
-            beta1, beta2 = group["betas"]
+            tune_betas = group["tune_betas"] and group["hyper_lr"] > 0
             hgs = hyper_grads[index : index + len(group["params"])] if hyper_grads is not None else None
             index += len(group["params"])
             # parameters taking a step, with their training and hyperobjective gradients
@@ -327,7 +444,23 @@ class HyperAdam(Optimizer):
                         directional = directional + hyper_correction
                     group["hypergradient"] = -float(directional)
                     lr = self._hyper_step(group, lr, group["hypergradient"])
+                    if tune_betas and all("prev_d_betas" in states[k] for k in range(len(active))):
+                        # dL~/dbeta = grad L~(theta_i) . (-alpha du_{i-1}/dbeta), the alpha already in prev_d_betas
+                        hyper_gradients = [g for g, _ in pairs]
+                        self._beta_hyper_step(
+                            group,
+                            [
+                                -float(
+                                    sum(
+                                        (g * state["prev_d_betas"][j]).sum()
+                                        for g, state in zip(hyper_gradients, states)
+                                    )
+                                )
+                                for j in range(2)
+                            ],
+                        )
             group["lr"] = group["written_lr"] = lr
+            beta1, beta2 = group["betas"]
 
             for state, p in zip(states, params):
                 if "exp_avg" not in state:
@@ -337,6 +470,15 @@ class HyperAdam(Optimizer):
                 state["step"] += 1
             if group["weight_decay"] != 0:
                 grads = list(th._foreach_add(grads, params, alpha=group["weight_decay"]))
+            if tune_betas:  # the betas' derivatives too, parameter by parameter
+                for state, p, grad in zip(states, params, grads):
+                    update, d_beta1, d_beta2 = adam_step_with_beta_derivatives(
+                        state["exp_avg"], state["exp_avg_sq"], grad, state["step"], beta1, beta2, group["eps"]
+                    )
+                    p.add_(update, alpha=-lr)
+                    state["prev_update"] = update
+                    state["prev_d_betas"] = (d_beta1.mul_(lr), d_beta2.mul_(lr))
+                continue
             exp_avgs = [state["exp_avg"] for state in states]
             exp_avg_sqs = [state["exp_avg_sq"] for state in states]
             # Adam (Kingma & Ba 2014), same operations as torch.optim.Adam, batched over parameters

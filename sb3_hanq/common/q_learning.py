@@ -104,6 +104,16 @@ def rg_directional_correction(td_errors: th.Tensor, target_tangents: th.Tensor) 
     return -2.0 * (td_errors * target_tangents).mean(dim=(-2, -1))
 
 
+def rg_target_gradient(targets: th.Tensor, td_errors: th.Tensor, params: list[th.Tensor]) -> list[th.Tensor | None]:
+    """The residual gradient's term through the targets, ``grad_theta(-2/|B| sum_j err_j y_j)``, one entry per
+    parameter (``None`` where the targets do not depend on it): ``grad L_RG = grad L_SG + this`` (§12, Eq. 9).
+
+    :param targets: y(theta) with its graph (``[batch, 1]``)
+    :param td_errors: ``Q_omega,theta(s, a) - y`` without gradient, same shape
+    """
+    return list(th.autograd.grad(targets, params, grad_outputs=-2.0 * td_errors / td_errors.numel(), allow_unused=True))
+
+
 def rg_directional_correction_reverse(
     targets: th.Tensor, td_errors: th.Tensor, params: list[th.Tensor], directions: list[th.Tensor]
 ) -> th.Tensor:
@@ -116,9 +126,7 @@ def rg_directional_correction_reverse(
     :param params: the parameters theta (those ``directions`` belong to)
     :param directions: u, one tensor per parameter
     """
-    through_target = th.autograd.grad(
-        targets, params, grad_outputs=-2.0 * td_errors / td_errors.numel(), allow_unused=True
-    )
+    through_target = rg_target_gradient(targets, td_errors, params)
     products = [(g * u).sum() for g, u in zip(through_target, directions) if g is not None]
     return th.stack(products).sum() if products else targets.new_zeros(())
 

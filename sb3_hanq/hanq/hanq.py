@@ -22,6 +22,7 @@ from sb3_hanq.common.q_learning import (
     predicted_q_values,
     q_learning_targets,
     rg_directional_correction_reverse,
+    rg_target_gradient,
     td_loss,
 )
 from sb3_hanq.common.utils import (
@@ -292,6 +293,8 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             g.get("hyper_lr", 0) > 0 for g in optimizer.param_groups
         )
         use_rg = hyper_active and self.hyper_objective == "rg" and self.q_net_target is None
+        # HyperAdam(tune_betas=True) differentiates along more than u_{i-1}: it takes grad L_RG whole
+        whole_gradient = hyper_active and any(g.get("tune_betas", False) for g in optimizer.param_groups)
         same_batch = hyper_active and self.hyper_batch == "same"
         target_net = self.q_net if self.q_net_target is None else self.q_net_target
         losses: list[th.Tensor] = []
@@ -316,11 +319,17 @@ class HANQ(SupportedActionSpacesMixin, DQN):
             optimizer.zero_grad()
             loss.backward()
             correction = None
+            through_target: list[th.Tensor | None] = []
             if directions is not None:
                 errors = (out.prediction - targets).detach()
-                correction = rg_directional_correction_reverse(targets, errors, params, directions)
+                if whole_gradient:
+                    through_target = rg_target_gradient(targets, errors, params)
+                else:
+                    correction = rg_directional_correction_reverse(targets, errors, params, directions)
             if self.max_grad_norm is not None:
                 th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if through_target:  # grad L_RG = grad L_SG (as the step uses it) + the term through the targets
+                hyper_grads = [p.grad if t is None else p.grad + t for p, t in zip(params, through_target)]  # type: ignore[operator]
             if isinstance(optimizer, HyperAdam):
                 optimizer.step(hyper_grads=hyper_grads, hyper_correction=correction)
             else:

@@ -31,10 +31,18 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt.pt")
 
 
+#: Structural settings added after runs were recorded, with the value those runs had: a saved run that lacks one
+#: resumes as if it had recorded that value.
+ADDED_SETTINGS = {"tune_betas": False}
+
+
 def _differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(config))
     if "member_params" not in saved:  # (written before the resolved settings were recorded)
         keys.remove("member_params")
+    else:
+        params = [{**ADDED_SETTINGS, **json.loads(text)} for text in saved["member_params"]]
+        saved = {**saved, "member_params": sorted({json.dumps(p, sort_keys=True) for p in params})}
     saved = {"pendulum_start": "uniform", **saved}  # (written before the dataset readings existed)
     saved = {"minibatch_stream": "population", **saved}  # (written before per-member streams)
     return [f"{k}: {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in keys if saved.get(k) != config.get(k)]
@@ -298,6 +306,9 @@ def train_population(
                 diverged_at_step=diverged[i],
             )
         )
+        for name in ("beta1", "beta2"):  # (tune_betas runs)
+            if name in history:
+                member_rows[-1][name] = [row[i] for row in history[name]]
     summary = summarize(member_rows)
     results = dict(
         format_version=RESULTS_FORMAT_VERSION,

@@ -46,7 +46,16 @@ from sb3_hanq.common.offline import (
     normalized_score,
     validate_dataset,
 )
-from sb3_hanq.common.optimizers import LR_PARAMETERIZATIONS, adam_directions, adam_moments_, hyper_adam_update
+from sb3_hanq.common.optimizers import (
+    LR_PARAMETERIZATIONS,
+    adam_delta,
+    adam_directions,
+    adam_moments_,
+    adam_step_with_beta_derivatives,
+    beta_from_logit,
+    beta_logit,
+    hyper_adam_update,
+)
 from sb3_hanq.common.optimizers import learning_rate as adapted_learning_rate
 from sb3_hanq.common.q_learning import (
     TD_LOSSES,
@@ -97,6 +106,7 @@ GROUP_PARAMS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "max_grad_norm": ((float, int, type(None)), lambda v: v is None or v > 0, "a float > 0 or None"),
     "lr_parameterization": ((str,), lambda v: v in LR_PARAMETERIZATIONS, f"one of {LR_PARAMETERIZATIONS}"),
     "hyper_batch": ((str,), lambda v: v in HYPER_BATCHES, f"one of {HYPER_BATCHES}"),
+    "tune_betas": ((bool,), lambda v: True, "a bool"),
 }
 
 #: Datasets of the paper (§11): 1000 random-action transitions for Pendulum (as ``pendulum_start`` reads them),
@@ -155,7 +165,8 @@ def param_defaults(algo: str) -> dict[str, Any]:
         net_arch=[128],
     )
     policy.update(ALGORITHMS[algo]["policy"])
-    return {**policy, "loss": "mse", "max_grad_norm": None, "lr_parameterization": "log", "hyper_batch": "next"}
+    optimiser = dict(lr_parameterization="log", hyper_batch="next", tune_betas=False)
+    return {**policy, "loss": "mse", "max_grad_norm": None, **optimiser}
 
 
 def _as_grid(value: Any, name: str) -> list[Any]:
@@ -410,6 +421,7 @@ class _Group:
         self.lr_parameterization = settings["lr_parameterization"]
         self.same_batch = settings["hyper_batch"] == "same"  # HANQ(hyper_batch="same"): Alg. 2's literal form
         self.prev_batch: list[th.Tensor] | None = None  # that form's minibatch of the previous step
+        self.tune_betas = bool(settings.get("tune_betas", False))  # Adam's betas hyperoptimised too (HyperAdam)
         self.target_network = members[0].tau < 1
         policy_kwargs = {k: settings[k] for k in ("predictor", "positive_scale", "predictor_bias", "main_norm")}
         policy_kwargs.update(meta_norm=settings["meta_norm"], net_arch=list(settings["net_arch"]))
@@ -443,6 +455,13 @@ class _Group:
         self.lr_offset = th.zeros(len(members), dtype=th.float64, device=device)
         self.hyper_exp_avg = th.zeros(len(members), dtype=th.float64, device=device)
         self.hyper_exp_avg_sq = th.zeros(len(members), dtype=th.float64, device=device)
+        # tune_betas: each member's (beta1, beta2) as logits (beta_from_logit), their hyper-Adam moments, and
+        # alpha du/dbeta of the last step (per beta, one tensor per parameter)
+        self.beta_logits = beta_logit(th.tensor([[0.9, 0.999]] * len(members), dtype=th.float64, device=device))
+        self.hyper_beta_exp_avg = th.zeros(len(members), 2, dtype=th.float64, device=device)
+        self.hyper_beta_exp_avg_sq = th.zeros(len(members), 2, dtype=th.float64, device=device)
+        self.prev_d_beta1: list[th.Tensor] | None = None
+        self.prev_d_beta2: list[th.Tensor] | None = None
         self.diverged_at = th.full((len(members),), -1, dtype=th.long, device=device)
         self.last_loss = th.zeros(len(members), device=device)
         self.last_scale = th.ones(len(members), device=device)
@@ -452,8 +471,10 @@ class _Group:
         self._step_fn = self._loss_terms
 
     # -- state --------------------------------------------------------------------------------------------
-    _TENSOR_LISTS = ("params", "target", "exp_avgs", "exp_avg_sqs", "prev_updates", "prev_batch")
-    _TENSORS = ("log_lr_scale", "lr_offset", "hyper_exp_avg", "hyper_exp_avg_sq", "diverged_at")
+    _TENSOR_LISTS: tuple[str, ...] = ("params", "target", "exp_avgs", "exp_avg_sqs", "prev_updates", "prev_batch")
+    _TENSOR_LISTS += ("prev_d_beta1", "prev_d_beta2")
+    _TENSORS: tuple[str, ...] = ("log_lr_scale", "lr_offset", "hyper_exp_avg", "hyper_exp_avg_sq", "diverged_at")
+    _TENSORS += ("beta_logits", "hyper_beta_exp_avg", "hyper_beta_exp_avg_sq")
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name) for name in self._TENSOR_LISTS + self._TENSORS}
@@ -465,7 +486,8 @@ class _Group:
             value = state.get(name)  # (checkpoints written before prev_batch existed lack it)
             setattr(self, name, None if value is None else [t.to(self.device) for t in value])
         for name in self._TENSORS:
-            setattr(self, name, state[name].to(self.device))
+            if name in state:  # (checkpoints written before tune_betas existed lack its tensors: the defaults stay)
+                setattr(self, name, state[name].to(self.device))
         self.step, self.hyper_step = int(state["step"]), int(state["hyper_step"])
 
     def member_params(self, k: int) -> dict[str, th.Tensor]:
@@ -476,6 +498,19 @@ class _Group:
     def learning_rates(self) -> th.Tensor:
         """alpha per member (float64), as :class:`HyperAdam` computes it."""
         return adapted_learning_rate(self.base_lr, self.log_lr_scale, self.lr_offset, self.lr_parameterization, 1e-8)  # type: ignore[return-value]
+
+    @property
+    def betas(self) -> th.Tensor:
+        """Adam's (beta1, beta2) per member, ``[M, 2]`` (float64): 0.9 and 0.999 unless ``tune_betas``."""
+        return beta_from_logit(self.beta_logits)  # type: ignore[return-value]
+
+    @property
+    def beta1(self) -> th.Tensor:
+        return self.betas[:, 0]
+
+    @property
+    def beta2(self) -> th.Tensor:
+        return self.betas[:, 1]
 
     # -- one gradient step for all members ------------------------------------------------------------------
     def _named(self, tensors: Sequence[th.Tensor]) -> dict[str, th.Tensor]:
@@ -567,19 +602,25 @@ class _Group:
                 hyper_grads = th.autograd.grad(hyper_losses.sum(), params + hyper_shadow, allow_unused=True)
                 # grad L~ = its part through Q_omega,theta(s, a) + its part through the targets (the shadow leaves)
                 through_q, through_y = hyper_grads[: len(params)], hyper_grads[len(params) :] or [None] * len(params)
-                directional = per_member(
-                    [
-                        sum((g for g in (gq, gy) if g is not None), th.zeros_like(u)) * u
-                        for gq, gy, u in zip(through_q, through_y, self.prev_updates)
-                    ]
-                )
+                hyper_gradient = [
+                    sum((g for g in (gq, gy) if g is not None), th.zeros_like(p))
+                    for gq, gy, p in zip(through_q, through_y, params)
+                ]
+
+                def along(dirs: list[th.Tensor]) -> th.Tensor:  # grad L~ . d, per member
+                    return per_member([g * d for g, d in zip(hyper_gradient, dirs)])
             else:
-                directional = per_member([g * u for g, u in zip(grads, self.prev_updates)])
-            if directions is not None:
-                correction = per_member(
-                    [th.zeros_like(u) if g is None else g * u for g, u in zip(through_target, self.prev_updates)]
-                )
-                directional = directional + th.where(self.use_rg, correction, 0.0)
+
+                def along(dirs: list[th.Tensor]) -> th.Tensor:
+                    out = per_member([g * d for g, d in zip(grads, dirs)])
+                    if directions is None:
+                        return out
+                    correction = per_member(
+                        [th.zeros_like(d) if g is None else g * d for g, d in zip(through_target, dirs)]
+                    )
+                    return out + th.where(self.use_rg, correction, 0.0)
+
+            directional = along(self.prev_updates)
             hypergrad = th.where(ok, -directional.double(), 0.0)
             self.hyper_step += 1
             self.log_lr_scale, self.lr_offset, self.hyper_exp_avg, self.hyper_exp_avg_sq = hyper_adam_update(  # type: ignore[assignment]
@@ -597,13 +638,39 @@ class _Group:
                 lr_parameterization=self.lr_parameterization,
                 min_lr=1e-8,
             )
+            if self.tune_betas and self.prev_d_beta1 is not None and self.prev_d_beta2 is not None:
+                # dL~/dbeta = grad L~(theta_i) . (-alpha du_{i-1}/dbeta) (prev_d_beta* hold alpha du/dbeta), then
+                # one hyper-Adam step on each beta's logit, as HyperAdam(tune_betas=True)
+                beta_hypergrad = -th.stack([along(self.prev_d_beta1), along(self.prev_d_beta2)], 1).double()
+                beta_hypergrad = th.where(ok.view(-1, 1), beta_hypergrad, 0.0)
+                betas = self.betas
+                delta, self.hyper_beta_exp_avg, self.hyper_beta_exp_avg_sq = adam_delta(  # type: ignore[assignment]
+                    beta_hypergrad * 2 * betas * (1 - betas),
+                    self.hyper_beta_exp_avg,
+                    self.hyper_beta_exp_avg_sq,
+                    self.hyper_step,
+                    self.hyper_lr.view(-1, 1),
+                    (0.9, 0.999),
+                    1e-8,
+                )
+                self.beta_logits = self.beta_logits - delta
             lr = self.learning_rates
         for p in params:
             p.requires_grad_(False)
         with th.no_grad():
             self.step += 1
-            adam_moments_(self.exp_avgs, self.exp_avg_sqs, grads, 0.9, 0.999)
-            updates = adam_directions(self.exp_avgs, self.exp_avg_sqs, [self.step] * len(params), 0.9, 0.999, 1e-8)
+            if self.tune_betas:  # each member's own betas, with the derivatives the next beta hyper-step needs
+                beta1, beta2 = self.betas.float().unbind(1)
+                steps = [
+                    adam_step_with_beta_derivatives(m, v, g, self.step, beta1.view(s), beta2.view(s), 1e-8)
+                    for m, v, g, s in zip(self.exp_avgs, self.exp_avg_sqs, grads, view)
+                ]
+                updates = [u for u, _, _ in steps]
+                self.prev_d_beta1 = [d1 * lr.float().view(s) for (_, d1, _), s in zip(steps, view)]
+                self.prev_d_beta2 = [d2 * lr.float().view(s) for (_, _, d2), s in zip(steps, view)]
+            else:
+                adam_moments_(self.exp_avgs, self.exp_avg_sqs, grads, 0.9, 0.999)
+                updates = adam_directions(self.exp_avgs, self.exp_avg_sqs, [self.step] * len(params), 0.9, 0.999, 1e-8)
             step_sizes = th.where(ok, -lr, 0.0).float()
             th._foreach_addcmul_(self.params, updates, [step_sizes.view(v) for v in view])
             self.prev_updates = updates
@@ -852,6 +919,9 @@ class PopulationTrainer:
         self.history["learning_rates"].append(self.per_member("learning_rates").tolist())
         self.history["losses"].append(self.per_member("last_loss").tolist())
         self.history["omega_scales"].append(self.per_member("last_scale").tolist())
+        if any(group.tune_betas for group in self.groups):  # Adam's betas, where the hypergradient moves them
+            for name in ("beta1", "beta2"):
+                self.history.setdefault(name, []).append(self.per_member(name).tolist())
         return scores
 
     # -- checkpoints -----------------------------------------------------------------------------------------
