@@ -731,3 +731,7 @@ for meta in l2 layer none; do
   ON_LANE=$([ $meta = layer ] && echo 1 || echo 0) run "ep_table4_meta_${meta}_lr1" --algo hanq \
     --learning-rate 1e-1 3.1623e-2 --hyper-lr 0 --seed 1 $E -params "meta_norm:$meta" "main_norm:['layer','l2','none']"
 done
+# E70. "we hyperoptimize Adam via Adam (Chandra et al., 2019)" (§11): Chandra et al.'s hyperoptimisable Adam learns
+#     beta1 and beta2 as well as alpha. That reading (tune_betas: each beta takes a hyper-Adam step of size kappa on
+#     atanh(2 beta - 1)) at HANQ's best cell (10^-1.5) and the default learning rate (10^-2.5), kappa = 0.1, 10 seeds
+ON_LANE=1 run ep_tune_betas_lrs --algo hanq --learning-rate 3.1623e-2 $LR --seed 1 $E -params tune_betas:True
