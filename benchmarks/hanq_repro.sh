@@ -737,4 +737,4 @@ done
 ON_LANE=1 run ep_tune_betas_lrs --algo hanq --learning-rate 3.1623e-2 $LR --seed 1 $E -params tune_betas:True
 # E71. E70's reading over the rest of the learning rates around HANQ's best cells (10^-2, 10^-3), as every reading
 #     of #14 is tuned (E53), 10 seeds
-ON_LANE=0 run ep_tune_betas_lr2_lr3 --algo hanq --learning-rate 1e-2 1e-3 --seed 1 $E -params tune_betas:True
+ON_LANE=0 run ep_tune_betas_more_lrs --algo hanq --learning-rate 1e-2 1e-3 --seed 1 $E -params tune_betas:True
