@@ -602,6 +602,9 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
         if key in pooled_bases:
             continue  # drawn once, pooled with its add-on (:func:`pooled`)
         env, name, _ = key.split("|")
+        if name.startswith("ep_tune_betas"):  # every cell of the reading, its grids included, with HANQ's best
+            out.setdefault("curves_betas.png", (BETAS_TITLE, []))[1].append(key)
+            continue
         if name.endswith("_lrs.json") and "+" not in name:
             continue  # an ablation's learning-rate grid: lr_sensitivity.png (pooled into a cell: drawn with it)
         if not env.startswith("DiscretePendulum"):
@@ -658,11 +661,24 @@ def figures(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, lis
             f"{title}, each row's best cell",
             best_figure_keys(groups, keys, with_hanq="ablations" in figure),
         )
+    if "curves_betas.png" in out:
+        hanq = row_best_key(groups, "DiscretePendulum-v1, data: episodes", HANQ_ROW)
+        out["curves_betas.png"][1][:0] = [hanq] if hanq is not None else []
     return [(figure, title, keys) for figure, (title, keys) in out.items()]
 
 
 #: HANQ's row under its defaults (κ = 0.1, L_RG, the per-state metapredictor): the reference of Tables 2, 3, 7
 HANQ_ROW = "HANQ per state, kappa 0.1 RG next-batch"
+BETAS_TITLE = "DiscretePendulum-v1: Adam via Adam (tune_betas), every cell, beside HANQ's best cell"
+
+
+def row_best_key(groups: dict[str, list[dict[str, Any]]], env: str, row: str) -> str | None:
+    """The key in ``groups`` of a tuned row's best cell (:func:`best_cell`) on ``env``, or ``None`` without that row."""
+    cells = tuned_rows(groups, env).get(row)
+    if cells is None:
+        return None
+    group = best_cell(cells)[0][1]
+    return next(k for k, g in groups.items() if g is group)
 
 
 def best_figure_keys(groups: dict[str, list[dict[str, Any]]], keys: list[str], with_hanq: bool = False) -> list[str]:
@@ -672,13 +688,12 @@ def best_figure_keys(groups: dict[str, list[dict[str, Any]]], keys: list[str], w
     picked: list[str] = []
     for env in dict.fromkeys(key.split("|")[0] for key in keys):
         sub = {key: groups[key] for key in keys if key.split("|")[0] == env}
-        rows = sorted(tuned_rows(sub, env).items())
-        if with_hanq and HANQ_ROW in (everything := tuned_rows(groups, env)):
-            rows.insert(0, (HANQ_ROW, everything[HANQ_ROW]))
-        for _, cells in rows:
-            group = best_cell(cells)[0][1]
-            key = next(k for k, g in groups.items() if g is group)
-            if key not in picked:
+        rows = [(row, sub) for row in sorted(tuned_rows(sub, env))]
+        if with_hanq:
+            rows.insert(0, (HANQ_ROW, groups))
+        for row, where in rows:
+            key = row_best_key(where, env, row)
+            if key is not None and key not in picked:
                 picked.append(key)
     return picked
 
@@ -691,7 +706,9 @@ def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_score, ax_lr, ax_scale) = plt.subplots(1, 3, figsize=(18, 4.8))
+    betas = any("beta1" in m for group in groups.values() for m in group)  # tune_betas runs: a panel of their own
+    fig, axes = plt.subplots(1, 4 if betas else 3, figsize=(24 if betas else 18, 4.8))
+    ax_score, ax_lr, ax_scale = axes[:3]
     for key, group in groups.items():
         steps = np.asarray(group[0]["eval_steps"])
         scores = np.array([m["scores"] for m in group])
@@ -708,6 +725,11 @@ def plot_curves(path: Path, title: str, groups: dict[str, list[dict[str, Any]]])
             ax_scale.plot(steps, scales.mean(0), color=line.get_color())
             low, high = bootstrap_band(scales)
             ax_scale.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        if "beta1" in group[0]:
+            for name, style in (("beta1", "-"), ("beta2", "--")):
+                axes[3].plot(steps, np.mean([m[name] for m in group], 0), style, color=line.get_color())
+    if betas:
+        axes[3].set(xlabel="gradient steps", ylabel="beta", title="Adam's beta1 (solid) and beta2 (dashed), mean")
     ax_score.set(xlabel="gradient steps", ylabel="score (Table 10)", title=title)
     ax_lr.set(xlabel="gradient steps", ylabel="log10 learning rate", title="learning rate (mean of log10)")
     ax_scale.set(xlabel="gradient steps", ylabel="omega_scale+", title="predictor scale (batch mean; 1 without one)")

@@ -180,6 +180,15 @@ def test_figures_of_tuned_rows_draw_each_rows_best_cell():
     }
     files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(keyed(ENV, table4))}
     assert files == {"curves_table4.png": ["ep_table4_a.json", "ep_table4_d.json"]}
+    # Adam via Adam (tune_betas): every cell, its learning-rate grids too, after HANQ's best cell
+    betas = {
+        "ep_hanq_a.json": hanq(1e-3, {0: 70.0, 1: 80.0}),
+        "ep_hanq_b.json": hanq(3.1623e-3, {0: 90.0, 1: 90.0}),
+        "ep_tune_betas_lrs.json": hanq(3.1623e-3, {0: 9.0, 1: 9.0}, tune_betas=True),
+        "ep_tune_betas_more_lrs.json": hanq(1e-3, {0: 5.0, 1: 5.0}, tune_betas=True),
+    }
+    files = {figure: [key.split("|")[1] for key in keys] for figure, _, keys in report.figures(keyed(ENV, betas))}
+    assert files["curves_betas.png"] == ["ep_hanq_b.json", "ep_tune_betas_lrs.json", "ep_tune_betas_more_lrs.json"]
 
 
 def test_lr_sensitivity_panels_put_each_row_with_its_table():
