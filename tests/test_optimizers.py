@@ -276,3 +276,17 @@ def test_tune_betas_bad_arguments():
     param.grad = th.ones(2)
     with pytest.raises(ValueError, match="hyper_grads"):
         optimizer.step(hyper_correction=0.0)
+
+
+def test_tune_betas_keeps_beta2_below_one():
+    """A logit pushed far past the bound (as a hypergradient that raises beta2 step after step does) is brought back
+    within it at the next hyper-step: beta2 stays below 1 in float32, where Adam's bias correction would be 0 and
+    the step NaN, and the weights stay finite."""
+    net, x, y = _regression_problem()
+    opt = HyperAdam(net.parameters(), lr=1e-2, hyper_lr=0.1, tune_betas=True)
+    _steps(net, opt, x, y, n=2)
+    opt.param_groups[0]["beta_logits"] = [-50.0, 50.0]
+    _steps(net, opt, x, y, n=3)
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    assert 0 < th.tensor(beta1, dtype=th.float32).item() and th.tensor(beta2, dtype=th.float32).item() < 1
+    assert all(th.isfinite(p).all() for p in net.parameters())

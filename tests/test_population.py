@@ -552,3 +552,35 @@ def test_run_recorded_before_tune_betas_existed_is_still_complete(tmp_path, monk
     assert train_population(**RUN, device="cpu", out=out, verbose=0) == saved
     with pytest.raises(ValueError, match="member_params"):  # while the option itself still tells runs apart
         train_population(**RUN, params=dict(tune_betas=True), device="cpu", out=out, verbose=0)
+
+
+def test_tune_betas_keeps_beta2_below_one_and_a_nan_step_freezes_only_its_member(dataset, monkeypatch):
+    """tune_betas in the population: a logit pushed past the bound comes back within it (beta2 < 1 in float32, the
+    weights finite); a member whose Adam step comes out non-finite is reported diverged at that step and keeps its
+    last finite weights, while the other member trains on."""
+    members = make_members("hanq", [0], hyper_objective=["rg", "sg"], params=dict(tune_betas=True))
+    trainer = PopulationTrainer(ENV, members, batch_size=BATCH, datasets={0: dataset}, device="cpu")
+    trainer.train_steps(3)
+    group = trainer.groups[0]
+    group.beta_logits = th.tensor([[-50.0, 50.0], [0.0, 3.0]], dtype=th.float64)
+    trainer.train_steps(3)
+    assert (group.betas.float() < 1).all() and (group.betas.float() > 0).all()
+    assert all(th.isfinite(p).all() for p in group.params) and trainer.diverged_at() == [None, None]
+
+    import sb3_hanq.population.trainer as trainer_module
+
+    original = trainer_module.adam_step_with_beta_derivatives
+
+    def nan_for_member_0(*args, **kwargs):
+        update, d1, d2 = original(*args, **kwargs)
+        update[0] = float("nan")
+        return update, d1, d2
+
+    before = group.member_params(0)
+    monkeypatch.setattr(trainer_module, "adam_step_with_beta_derivatives", nan_for_member_0)
+    trainer.train_steps(1)
+    monkeypatch.setattr(trainer_module, "adam_step_with_beta_derivatives", original)
+    trainer.train_steps(2)
+    assert trainer.diverged_at() == [7, None]
+    assert all(th.equal(before[n], p) for n, p in group.member_params(0).items())
+    assert all(th.isfinite(p).all() for p in group.params)

@@ -47,6 +47,7 @@ from sb3_hanq.common.offline import (
     validate_dataset,
 )
 from sb3_hanq.common.optimizers import (
+    BETA_LOGIT_BOUND,
     LR_PARAMETERIZATIONS,
     adam_delta,
     adam_directions,
@@ -653,7 +654,7 @@ class _Group:
                     (0.9, 0.999),
                     1e-8,
                 )
-                self.beta_logits = self.beta_logits - delta
+                self.beta_logits = (self.beta_logits - delta).clamp(-BETA_LOGIT_BOUND, BETA_LOGIT_BOUND)  # type: ignore[union-attr]
             lr = self.learning_rates
         for p in params:
             p.requires_grad_(False)
@@ -666,6 +667,9 @@ class _Group:
                     for m, v, g, s in zip(self.exp_avgs, self.exp_avg_sqs, grads, view)
                 ]
                 updates = [u for u, _, _ in steps]
+                # a step undefined in the betas' extremes (kept away from them) would still not reach the weights
+                ok = ok & th.isfinite(per_member([u * u for u in updates]))
+                updates = [th.where(ok.view(s), u, 0.0) for u, s in zip(updates, view)]
                 self.prev_d_beta1 = [d1 * lr.float().view(s) for (_, d1, _), s in zip(steps, view)]
                 self.prev_d_beta2 = [d2 * lr.float().view(s) for (_, _, d2), s in zip(steps, view)]
             else:
