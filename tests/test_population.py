@@ -124,10 +124,10 @@ def assert_member_equals(trainer, k, model, names_map=None, lr=None):
             dict(hyper_lr=[0.01], hyper_objective=["sg", "rg"], params=dict(hyper_batch="same")),
         ),
         (
-            HANQ,
-            dict(hyper_lr=0.1, policy_kwargs=dict(optimizer_kwargs=dict(tune_betas=True))),
+            HANQ,  # (kappa 0.1 takes alpha past 10^-2 in 30 steps and meets a ReLU kink by step 40: chaotic)
+            dict(hyper_lr=0.01, policy_kwargs=dict(optimizer_kwargs=dict(tune_betas=True))),
             "hanq",
-            dict(hyper_objective=["rg", "sg"], params=dict(tune_betas=True)),
+            dict(hyper_lr=[0.01], hyper_objective=["rg", "sg"], params=dict(tune_betas=True)),
         ),
         (
             HANQ,

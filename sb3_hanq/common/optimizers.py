@@ -139,8 +139,12 @@ def adam_step_with_beta_derivatives(
     """
 
     def coefficients(beta: Scalar) -> tuple[Scalar, Scalar, Scalar]:  # 1 - beta^t, A / bc^2, B / bc^2 (float64)
+        # of beta as the moment update below uses it (rounded to the gradient's dtype: near 1 that rounding moves
+        # 1 - beta by several percent in float32), in float64
         if isinstance(beta, th.Tensor):
-            beta = beta.double()
+            beta = beta.to(grad.dtype).double()
+        else:
+            beta = th.tensor(beta, dtype=grad.dtype).item()
         bc = 1 - beta**step
         a = 1 + (step - 1) * beta**step
         b = a - step * beta ** (step - 1)
