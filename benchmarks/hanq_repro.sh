@@ -738,3 +738,9 @@ ON_LANE=1 run ep_tune_betas_lrs --algo hanq --learning-rate 3.1623e-2 $LR --seed
 # E71. E70's reading over the rest of the learning rates around HANQ's best cells (10^-2, 10^-3), as every reading
 #     of #14 is tuned (E53), 10 seeds
 ON_LANE=0 run ep_tune_betas_more_lrs --algo hanq --learning-rate 1e-2 1e-3 --seed 1 $E -params tune_betas:True
+# E72. After E70's first 100k steps (seeds 0-9): with the betas hyperoptimised at kappa = 0.1 alpha still collapses
+#     (10^-10 by 100k steps), beta1 falls towards 0 and beta2 wanders (0.0003 ... 0.9999), and both cells score
+#     below the default reading's on the same seeds. §11 tunes kappa over {10^0, ..., 10^-5}: 10^-2, 10^-3 and 10^-4
+#     at the default learning rate (10 seeds)
+ON_LANE=1 run ep_tune_betas_kappas --algo hanq --learning-rate $LR --hyper-lr 1e-2 1e-3 1e-4 --seed 1 $E \
+  -params tune_betas:True
