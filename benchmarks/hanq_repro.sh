@@ -744,3 +744,10 @@ ON_LANE=0 run ep_tune_betas_more_lrs --algo hanq --learning-rate 1e-2 1e-3 --see
 #     at the default learning rate (10 seeds)
 ON_LANE=1 run ep_tune_betas_kappas --algo hanq --learning-rate $LR --hyper-lr 1e-2 1e-3 1e-4 --seed 1 $E \
   -params tune_betas:True
+# E73. After E69 (seeds 0-9): - - scores 8.9 at 10^-1 (4.5 at 10^-1.5, 7.9 at 10^-3, its best cell so far: 8.9 at
+#     30 seeds), so its best cell moves to the grid's end. Seeds 10-29 there, and §11's extension, 10^-0.5 (10 seeds).
+#     The other eight pairs score below their best cells at 10^-1.5 and 10^-1
+ON_LANE=0 SEEDS=20 run ep_table4_none_none_lr1_rest --algo hanq --learning-rate 1e-1 --hyper-lr 0 --first-seed 10 \
+  --seed 1 $E -params meta_norm:none main_norm:none
+ON_LANE=1 run ep_table4_none_none_lr05 --algo hanq --learning-rate 3.1623e-1 --hyper-lr 0 --seed 1 $E \
+  -params meta_norm:none main_norm:none
