@@ -751,3 +751,12 @@ ON_LANE=0 SEEDS=20 run ep_table4_none_none_lr1_rest --algo hanq --learning-rate 
   --seed 1 $E -params meta_norm:none main_norm:none
 ON_LANE=1 run ep_table4_none_none_lr05 --algo hanq --learning-rate 3.1623e-1 --hyper-lr 0 --seed 1 $E \
   -params meta_norm:none main_norm:none
+# E74. After E71/E72 (seeds 0-9): with the betas hyperoptimised, kappa = 10^-4 scores 92.4 at 10^-2.5, no run frozen
+#     (alpha ends near 2e-6, beta1 near 0.2, beta2 near 0.97), above kappa = 10^-1 ... 10^-3 (72.3 / 77.2 / 79.9) and
+#     above the default reading's kappa = 10^-4 cell on the same seeds (5 seeds: 89.8; 84.1 at 30). Seeds 10-29 there;
+#     kappa's grid end, 10^-5 (10 seeds); and kappa = 10^-4's neighbouring learning rates, 10^-2 and 10^-3 (10 seeds)
+ON_LANE=1 SEEDS=20 run ep_tune_betas_kappa4_rest --algo hanq --learning-rate $LR --hyper-lr 1e-4 --first-seed 10 \
+  --seed 1 $E -params tune_betas:True
+ON_LANE=0 run ep_tune_betas_kappa5 --algo hanq --learning-rate $LR --hyper-lr 1e-5 --seed 1 $E -params tune_betas:True
+ON_LANE=0 run ep_tune_betas_kappa4_lrs --algo hanq --learning-rate 1e-2 1e-3 --hyper-lr 1e-4 --seed 1 $E \
+  -params tune_betas:True
