@@ -758,5 +758,7 @@ ON_LANE=1 run ep_table4_none_none_lr05 --algo hanq --learning-rate 3.1623e-1 --h
 ON_LANE=1 SEEDS=20 run ep_tune_betas_kappa4_rest --algo hanq --learning-rate $LR --hyper-lr 1e-4 --first-seed 10 \
   --seed 1 $E -params tune_betas:True
 ON_LANE=0 run ep_tune_betas_kappa5 --algo hanq --learning-rate $LR --hyper-lr 1e-5 --seed 1 $E -params tune_betas:True
-ON_LANE=0 run ep_tune_betas_kappa4_lrs --algo hanq --learning-rate 1e-2 1e-3 --hyper-lr 1e-4 --seed 1 $E \
+ON_LANE=0 run ep_tune_betas_kappa4_lr2 --algo hanq --learning-rate 1e-2 --hyper-lr 1e-4 --seed 1 $E \
+  -params tune_betas:True
+ON_LANE=1 run ep_tune_betas_kappa4_lr3 --algo hanq --learning-rate 1e-3 --hyper-lr 1e-4 --seed 1 $E \
   -params tune_betas:True
