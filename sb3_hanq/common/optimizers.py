@@ -119,6 +119,30 @@ def beta_logit(beta: Scalar) -> Scalar:
     return th.atanh(2 * beta - 1) if isinstance(beta, th.Tensor) else math.atanh(2 * beta - 1)
 
 
+def beta_logit_update(
+    hypergrad: Scalar,
+    logit: Scalar,
+    exp_avg: Scalar,
+    exp_avg_sq: Scalar,
+    step: int,
+    hyper_lr: Scalar,
+    hyper_betas: tuple[float, float],
+    hyper_eps: float,
+) -> tuple[Scalar, Scalar, Scalar]:
+    """One hyper-Adam step on a beta's logit (``tune_betas``) from ``hypergrad = dL~/dbeta``, the logit kept within
+    +-:data:`BETA_LOGIT_BOUND`: ``(logit, exp_avg, exp_avg_sq)``. Floats (:class:`HyperAdam`) or tensors (one entry per
+    population member), so both paths run this code."""
+    beta = beta_from_logit(logit)
+    # dL~/dlogit = dL~/dbeta * dbeta/dlogit, dbeta/dlogit = 2 beta (1 - beta)
+    delta, exp_avg, exp_avg_sq = adam_delta(
+        hypergrad * 2 * beta * (1 - beta), exp_avg, exp_avg_sq, step, hyper_lr, hyper_betas, hyper_eps
+    )
+    logit = logit - delta
+    if isinstance(logit, th.Tensor):
+        return logit.clamp(-BETA_LOGIT_BOUND, BETA_LOGIT_BOUND), exp_avg, exp_avg_sq
+    return min(max(logit, -BETA_LOGIT_BOUND), BETA_LOGIT_BOUND), exp_avg, exp_avg_sq
+
+
 def adam_step_with_beta_derivatives(
     exp_avg: th.Tensor, exp_avg_sq: th.Tensor, grad: th.Tensor, step: int, beta1: Scalar, beta2: Scalar, eps: float
 ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -234,14 +258,6 @@ class HyperAdam(Optimizer):
     A different hyperobjective gradient (HANQ's residual gradient, Eq. 9) is passed as
     ``step(hyper_grads=...)``, one tensor (or ``None``) per parameter in ``param_groups`` order.
 
-    :param params: parameters or parameter groups
-    :param lr: initial learning rate alpha_0
-    :param betas: Adam coefficients for the parameters
-    :param eps: Adam epsilon for the parameters
-    :param weight_decay: L2 penalty added to the gradient, as in ``torch.optim.Adam``
-    :param hyper_lr: hyper-learning rate kappa (0 disables adaptation: plain Adam)
-    :param hyper_betas: Adam coefficients of the hyper-optimiser
-    :param hyper_eps: Adam epsilon of the hyper-optimiser
     **Which hyperparameters** (``tune_betas``). §3.3 and §12 derive the hypergradient for alpha only, while §11
     says "we hyperoptimize Adam via Adam (Chandra et al., 2019)", whose hyperoptimisable Adam also learns beta1 and
     beta2. ``tune_betas=True`` is that reading: each beta takes a hyper-Adam step of size ``hyper_lr`` on
@@ -250,6 +266,14 @@ class HyperAdam(Optimizer):
     reaches 1, where Adam's step is undefined). ``param_groups[g]["betas"]`` reads the betas in use. With it,
     ``step(hyper_correction=...)`` is refused: pass the hyperobjective's whole gradient as ``hyper_grads``.
 
+    :param params: parameters or parameter groups
+    :param lr: initial learning rate alpha_0
+    :param betas: Adam coefficients for the parameters
+    :param eps: Adam epsilon for the parameters
+    :param weight_decay: L2 penalty added to the gradient, as in ``torch.optim.Adam``
+    :param hyper_lr: hyper-learning rate kappa (0 disables adaptation: plain Adam)
+    :param hyper_betas: Adam coefficients of the hyper-optimiser
+    :param hyper_eps: Adam epsilon of the hyper-optimiser
     :param lr_parameterization: ``"log"`` (default) or ``"linear"``, see above
     :param min_lr: lower bound on alpha for ``"linear"``
     :param tune_betas: also hyperoptimise Adam's betas (see above; needs ``hyper_lr > 0`` to have an effect)
@@ -375,18 +399,18 @@ class HyperAdam(Optimizer):
     def _beta_hyper_step(group: dict[str, Any], hypergrads: list[float]) -> None:
         """One hyper-Adam step on each beta's logit (``tune_betas``), after :meth:`_hyper_step` counted the step."""
         for k, hypergrad in enumerate(hypergrads):
-            beta = beta_from_logit(group["beta_logits"][k])
-            # dL~/dlogit = dL~/dbeta * dbeta/dlogit, dbeta/dlogit = 2 beta (1 - beta)
-            delta, group["hyper_beta_exp_avg"][k], group["hyper_beta_exp_avg_sq"][k] = adam_delta(
-                hypergrad * 2 * beta * (1 - beta),
-                group["hyper_beta_exp_avg"][k],
-                group["hyper_beta_exp_avg_sq"][k],
-                group["hyper_step"],
-                group["hyper_lr"],
-                group["hyper_betas"],
-                group["hyper_eps"],
+            group["beta_logits"][k], group["hyper_beta_exp_avg"][k], group["hyper_beta_exp_avg_sq"][k] = (
+                beta_logit_update(
+                    hypergrad,
+                    group["beta_logits"][k],
+                    group["hyper_beta_exp_avg"][k],
+                    group["hyper_beta_exp_avg_sq"][k],
+                    group["hyper_step"],
+                    group["hyper_lr"],
+                    group["hyper_betas"],
+                    group["hyper_eps"],
+                )
             )
-            group["beta_logits"][k] = min(max(group["beta_logits"][k] - delta, -BETA_LOGIT_BOUND), BETA_LOGIT_BOUND)
             group["beta_hypergradients"][k] = hypergrad
         group["betas"] = tuple(float(beta_from_logit(x)) for x in group["beta_logits"])
 

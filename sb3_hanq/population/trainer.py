@@ -47,14 +47,13 @@ from sb3_hanq.common.offline import (
     validate_dataset,
 )
 from sb3_hanq.common.optimizers import (
-    BETA_LOGIT_BOUND,
     LR_PARAMETERIZATIONS,
-    adam_delta,
     adam_directions,
     adam_moments_,
     adam_step_with_beta_derivatives,
     beta_from_logit,
     beta_logit,
+    beta_logit_update,
     hyper_adam_update,
 )
 from sb3_hanq.common.optimizers import learning_rate as adapted_learning_rate
@@ -644,9 +643,9 @@ class _Group:
                 # one hyper-Adam step on each beta's logit, as HyperAdam(tune_betas=True)
                 beta_hypergrad = -th.stack([along(self.prev_d_beta1), along(self.prev_d_beta2)], 1).double()
                 beta_hypergrad = th.where(ok.view(-1, 1), beta_hypergrad, 0.0)
-                betas = self.betas
-                delta, self.hyper_beta_exp_avg, self.hyper_beta_exp_avg_sq = adam_delta(  # type: ignore[assignment]
-                    beta_hypergrad * 2 * betas * (1 - betas),
+                self.beta_logits, self.hyper_beta_exp_avg, self.hyper_beta_exp_avg_sq = beta_logit_update(  # type: ignore[assignment]
+                    beta_hypergrad,
+                    self.beta_logits,
                     self.hyper_beta_exp_avg,
                     self.hyper_beta_exp_avg_sq,
                     self.hyper_step,
@@ -654,7 +653,6 @@ class _Group:
                     (0.9, 0.999),
                     1e-8,
                 )
-                self.beta_logits = (self.beta_logits - delta).clamp(-BETA_LOGIT_BOUND, BETA_LOGIT_BOUND)  # type: ignore[union-attr]
             lr = self.learning_rates
         for p in params:
             p.requires_grad_(False)
