@@ -483,18 +483,11 @@ class HyperAdam(Optimizer):
                     if tune_betas and all("prev_d_betas" in states[k] for k in range(len(active))):
                         # dL~/dbeta = grad L~(theta_i) . (-alpha du_{i-1}/dbeta), the alpha already in prev_d_betas
                         hyper_gradients = [g for g, _ in pairs]
-                        self._beta_hyper_step(
-                            group,
-                            [
-                                -float(
-                                    sum(
-                                        (g * state["prev_d_betas"][j]).sum()
-                                        for g, state in zip(hyper_gradients, states)
-                                    )
-                                )
-                                for j in range(2)
-                            ],
-                        )
+                        hypergrads = []
+                        for d in range(2):
+                            products = th._foreach_mul(hyper_gradients, [st["prev_d_betas"][d] for st in states])
+                            hypergrads.append(-float(th.cat([t.reshape(-1) for t in products]).sum()))
+                        self._beta_hyper_step(group, hypergrads)
             group["lr"] = group["written_lr"] = lr
             beta1, beta2 = group["betas"]
 

@@ -421,7 +421,8 @@ class _Group:
         self.lr_parameterization = settings["lr_parameterization"]
         self.same_batch = settings["hyper_batch"] == "same"  # HANQ(hyper_batch="same"): Alg. 2's literal form
         self.prev_batch: list[th.Tensor] | None = None  # that form's minibatch of the previous step
-        self.tune_betas = bool(settings.get("tune_betas", False))  # Adam's betas hyperoptimised too (HyperAdam)
+        # Adam's betas hyperoptimised too (HyperAdam); settings from before the option lack the key
+        self.tune_betas = bool(settings.get("tune_betas", False))
         self.target_network = members[0].tau < 1
         policy_kwargs = {k: settings[k] for k in ("predictor", "positive_scale", "predictor_bias", "main_norm")}
         policy_kwargs.update(meta_norm=settings["meta_norm"], net_arch=list(settings["net_arch"]))
